@@ -1,0 +1,30 @@
+"""nspool: a process pool whose workers cannot leak processes.
+
+Every worker is PID 1 of its own PID namespace, so whatever a task starts dies with the task,
+the worker, the pool or the program (even after ``kill -9``).
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    BrokenProcessPool,
+    LauncherDiedError,
+    NamespaceError,
+    PoolInitializerError,
+    TaskPicklingError,
+    TaskUnpicklingError,
+    WorkerDiedError,
+)
+from .executor import NSPoolExecutor
+
+__all__ = [
+    "BrokenProcessPool",
+    "LauncherDiedError",
+    "NSPoolExecutor",
+    "NamespaceError",
+    "PoolInitializerError",
+    "TaskPicklingError",
+    "TaskUnpicklingError",
+    "WorkerDiedError",
+]
+__version__ = "0.1.0"

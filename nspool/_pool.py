@@ -1,0 +1,264 @@
+"""Pool core: worker slots, the task queue and the task -> worker bookkeeping.
+
+No I/O, no threads, no clocks: the fronts (``executor.py``, ``aio.py``) feed it events (a task
+was submitted, a worker is ready, a result arrived, a worker exited, the time is now ``t``) and
+perform the actions it returns (spawn worker N, send these tasks to worker M, close worker K).
+That keeps every scheduling rule testable without a process.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+class WState(enum.Enum):
+    STARTING = "starting"  #: spawn requested, READY not yet seen
+    READY = "ready"  #: accepting tasks
+    CLOSING = "closing"  #: has all the tasks it will ever get; finishes them, then exits
+    DEAD = "dead"
+
+
+@dataclass(eq=False)
+class Task:
+    """One call on its way through the pool. ``handle`` belongs to the front (a Future...)."""
+
+    id: int
+    payload: bytes
+    handle: Any = None
+    #: handed to a worker at least once (its future is running and cannot be cancelled)
+    started: bool = False
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    wid: int
+    state: WState = WState.STARTING
+    #: tasks written to this worker and not yet answered; the head is the one running
+    inflight: deque[Task] = field(default_factory=deque)
+    #: tasks this worker may still be given (``max_tasks_per_child``); None = unlimited
+    budget: int | None = None
+    pid: int = 0
+    #: when the head of ``inflight`` started (for the service-time estimate)
+    head_since: float = 0.0
+
+
+@dataclass
+class Actions:
+    """What the front must do after an event, in this order."""
+
+    spawn: list[WorkerSlot] = field(default_factory=list)
+    send: list[tuple[WorkerSlot, list[Task]]] = field(default_factory=list)
+    #: workers whose task stream ends here: close their task pipe after the sends
+    close: list[WorkerSlot] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.spawn or self.send or self.close)
+
+
+@dataclass
+class ExitOutcome:
+    """What a worker's exit means for its tasks."""
+
+    slot: WorkerSlot
+    #: the task it was running when it died (fails), or None if it died idle or on purpose
+    lost: Task | None
+    #: tasks it had been given but had not started: they went back to the queue
+    requeued: int
+    #: whether it died before it ever became ready
+    during_startup: bool
+
+
+class PoolCore:
+    """Scheduling state of one pool.
+
+    ``claim(task)`` is called just before a task is handed to a worker; it returns False when
+    the front's future was cancelled meanwhile, and the task is dropped.
+
+    Batching: a worker may hold more than one task, but only as much queued work as fits in
+    ``batch_window`` seconds at the current average task time, at most ``max_batch`` tasks. Short
+    tasks thus travel many to a frame; long tasks go one at a time so no worker hoards work.
+    """
+
+    def __init__(
+        self,
+        max_workers: int,
+        *,
+        max_tasks_per_child: int | None = None,
+        claim: Callable[[Task], bool] = lambda task: True,
+        max_batch: int = 64,
+        batch_window: float = 0.002,
+        max_startup_failures: int = 3,
+    ) -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be greater than 0")
+        if max_tasks_per_child is not None and max_tasks_per_child < 1:
+            raise ValueError("max_tasks_per_child must be >= 1")
+        self.max_workers = max_workers
+        self.max_tasks_per_child = max_tasks_per_child
+        self.claim = claim
+        self.max_batch = max_batch
+        self.batch_window = batch_window
+        self.max_startup_failures = max_startup_failures
+        self.queue: deque[Task] = deque()
+        self.workers: dict[int, WorkerSlot] = {}
+        self.avg_task_time: float | None = None
+        self._next_wid = 1
+        self._startup_failures = 0
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """No task queued or in flight."""
+        return not self.queue and not any(w.inflight for w in self.workers.values())
+
+    def live_workers(self) -> list[WorkerSlot]:
+        return [w for w in self.workers.values() if w.state is not WState.DEAD]
+
+    def depth(self) -> int:
+        """How many tasks one worker may hold right now."""
+        avg = self.avg_task_time
+        if avg is None or avg >= self.batch_window:
+            return 1
+        return max(1, min(self.max_batch, int(self.batch_window / max(avg, 1e-7))))
+
+    # -- events -------------------------------------------------------------------------------
+    def submit(self, task: Task) -> None:
+        self.queue.append(task)
+
+    def on_ready(self, wid: int, pid: int, now: float) -> None:
+        slot = self.workers[wid]
+        slot.pid = pid
+        if slot.state is WState.STARTING:
+            slot.state = WState.READY
+        slot.head_since = now
+        self._startup_failures = 0
+
+    def on_result(self, wid: int, task_id: int, now: float) -> Task:
+        """A worker answered its head task; returns it. Updates the service-time estimate."""
+        slot = self.workers[wid]
+        if not slot.inflight or slot.inflight[0].id != task_id:
+            expected = slot.inflight[0].id if slot.inflight else None
+            raise RuntimeError(f"worker {wid} answered task {task_id}, expected {expected}")
+        task = slot.inflight.popleft()
+        took = max(now - slot.head_since, 0.0)
+        avg = self.avg_task_time
+        self.avg_task_time = took if avg is None else avg + 0.2 * (took - avg)
+        slot.head_since = now
+        return task
+
+    def on_exit(self, wid: int) -> ExitOutcome:
+        """A worker is gone. Its running task is lost; tasks it had not started are requeued."""
+        slot = self.workers.pop(wid)
+        during_startup = slot.state is WState.STARTING
+        slot.state = WState.DEAD
+        lost = slot.inflight.popleft() if slot.inflight else None
+        rest = list(slot.inflight)
+        slot.inflight.clear()
+        self.queue.extendleft(reversed(rest))
+        if during_startup:
+            self._startup_failures += 1
+        return ExitOutcome(slot, lost, len(rest), during_startup)
+
+    @property
+    def startup_failing(self) -> bool:
+        """Workers keep dying before they become ready: spawning more would only loop."""
+        return self._startup_failures >= self.max_startup_failures
+
+    def take_task(self, task_id: int) -> tuple[Task, WorkerSlot | None] | None:
+        """Find a task by id: drop it from the queue, or tell which worker holds it."""
+        for t in self.queue:
+            if t.id == task_id:
+                self.queue.remove(t)
+                return t, None
+        for w in self.workers.values():
+            for t in w.inflight:
+                if t.id == task_id:
+                    return t, w
+        return None
+
+    def drain_queue(self) -> list[Task]:
+        """Remove and return every queued (not yet sent) task."""
+        tasks = list(self.queue)
+        self.queue.clear()
+        return tasks
+
+    def drain_all(self) -> list[Task]:
+        """Remove and return every task, queued or in flight (the pool is going away)."""
+        tasks = self.drain_queue()
+        for w in self.workers.values():
+            tasks.extend(w.inflight)
+            w.inflight.clear()
+        return tasks
+
+    def cancel_queued(self) -> list[Task]:
+        """Remove and return queued tasks never handed to a worker (``cancel_futures``);
+        tasks requeued after their worker died are already running and stay."""
+        keep = [t for t in self.queue if t.started]
+        dropped = [t for t in self.queue if not t.started]
+        self.queue.clear()
+        self.queue.extend(keep)
+        return dropped
+
+    def _claim_next(self) -> Task | None:
+        queue = self.queue
+        while queue:
+            task = queue.popleft()
+            if task.started or self.claim(task):
+                task.started = True
+                return task
+        return None
+
+    # -- decisions ----------------------------------------------------------------------------
+    def schedule(self, now: float, *, spawn: bool = True) -> Actions:
+        """Hand queued tasks to workers with room, and ask for workers that are missing."""
+        actions = Actions()
+        queue = self.queue
+        if queue:
+            ready = [w for w in self.workers.values() if w.state is WState.READY]
+            if ready:
+                cap = self.depth()
+                batches: dict[int, list[Task]] = {}
+                # Fill level by level so tasks spread evenly over the workers.
+                level = 1
+                while queue and level <= cap:
+                    for w in ready:
+                        if not queue:
+                            break
+                        if len(w.inflight) >= level or w.budget == 0:
+                            continue
+                        task = self._claim_next()
+                        if task is None:
+                            break
+                        if not w.inflight:
+                            w.head_since = now
+                        w.inflight.append(task)
+                        batches.setdefault(w.wid, []).append(task)
+                        if w.budget is not None:
+                            w.budget -= 1
+                            if w.budget == 0:
+                                w.state = WState.CLOSING
+                                actions.close.append(w)
+                    level += 1
+                actions.send = [(self.workers[wid], ts) for wid, ts in batches.items()]
+        if spawn and queue and not self.startup_failing:
+            starting = sum(1 for w in self.workers.values() if w.state is WState.STARTING)
+            live = len(self.workers)
+            want = min(len(queue) - starting, self.max_workers - live)
+            for _ in range(max(want, 0)):
+                slot = WorkerSlot(self._next_wid, budget=self.max_tasks_per_child)
+                self._next_wid += 1
+                self.workers[slot.wid] = slot
+                actions.spawn.append(slot)
+        return actions
+
+    def close_all(self) -> list[WorkerSlot]:
+        """Stop giving work to every live worker (shutdown); returns those to close."""
+        out = []
+        for w in self.workers.values():
+            if w.state in (WState.STARTING, WState.READY):
+                w.state = WState.CLOSING
+                out.append(w)
+        return out

@@ -1,0 +1,66 @@
+"""Turn a failed namespace syscall into a message that says why and how to fix it."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def explain_unshare_error(exc: OSError, user_ns: bool) -> str:
+    """A one-paragraph explanation of why ``unshare`` failed, with the remedy."""
+    what = "a user and PID namespace" if user_ns else "a PID namespace"
+    head = f"nspool cannot create {what} for its workers: unshare() failed with {exc.strerror}."
+    tips: list[str] = []
+    code = exc.errno
+    if code == errno.EPERM:
+        if user_ns:
+            if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
+                tips.append(
+                    "AppArmor forbids unprivileged user namespaces here "
+                    "(kernel.apparmor_restrict_unprivileged_userns=1). Fix: "
+                    "sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0, or run as root."
+                )
+            if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
+                tips.append(
+                    "Unprivileged user namespaces are switched off "
+                    "(kernel.unprivileged_userns_clone=0). Fix: "
+                    "sudo sysctl kernel.unprivileged_userns_clone=1, or run as root."
+                )
+            if not tips:
+                tips.append(
+                    "The kernel or a security policy (seccomp in a container, AppArmor, SELinux) "
+                    "refuses user namespaces. Fix: allow them (for Docker: "
+                    "--security-opt seccomp=unconfined), or run as root."
+                )
+        else:
+            tips.append(
+                "This process lacks CAP_SYS_ADMIN, probably in a container. Fix: run the "
+                "container with --cap-add SYS_ADMIN (or --privileged), or as a normal user so "
+                "that nspool uses a user namespace."
+            )
+    elif code == errno.ENOSPC:
+        limit = _read("/proc/sys/user/max_user_namespaces")
+        tips.append(
+            f"A namespace limit is reached (user.max_user_namespaces={limit}, "
+            f"user.max_pid_namespaces={_read('/proc/sys/user/max_pid_namespaces')}). Fix: "
+            "sudo sysctl user.max_user_namespaces=15000 user.max_pid_namespaces=15000."
+        )
+    elif code == errno.EINVAL:
+        tips.append(
+            "The kernel does not support this namespace type, or the caller is threaded or "
+            "chrooted. nspool needs Linux >= 3.8 with CONFIG_PID_NS and CONFIG_USER_NS."
+        )
+    elif code == errno.ENOMEM:
+        tips.append("The kernel is out of memory, or the PID namespace nesting limit (32) is hit.")
+    elif code == errno.EUSERS:
+        tips.append("The user namespace nesting limit (32) is reached.")
+    tips.append(f"(uid {os.geteuid()}; run `python -m nspool doctor` for a full report.)")
+    return head + " " + " ".join(tips)

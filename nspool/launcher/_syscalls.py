@@ -1,0 +1,77 @@
+"""The few Linux syscalls the launcher needs, in one place.
+
+Python 3.12+ has ``os.unshare``/``os.setns`` and the ``CLONE_*`` constants; 3.10 and 3.11 do
+not, so we fall back to libc through ctypes. ``prctl`` and ``mount`` always go through ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+
+#: Which path this interpreter uses; ``nspool doctor`` reports it.
+SYSCALL_PATH = "os module" if hasattr(os, "unshare") else "ctypes (libc)"
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    """unshare(2): detach the caller from the given namespaces."""
+    if hasattr(os, "unshare"):
+        os.unshare(flags)
+    else:
+        _check(_libc.unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int) -> None:
+    """setns(2): join the namespace that ``fd`` refers to."""
+    if hasattr(os, "setns"):
+        os.setns(fd, nstype)
+    else:
+        _check(_libc.setns(fd, nstype), "setns")
+
+
+def set_pdeathsig(sig: int) -> None:
+    """Ask the kernel to send ``sig`` when our parent *thread* exits (safe only for a
+    single-threaded parent, which the launcher is)."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def set_process_name(name: str) -> None:
+    """Set the thread name shown by ``ps -o comm`` and ``top`` (at most 15 bytes)."""
+    buf = ctypes.create_string_buffer(name.encode()[:15])
+    _libc.prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int) -> None:
+    """mount(2) without data."""
+    _check(
+        _libc.mount(
+            source.encode(), target.encode(), fstype.encode() if fstype else None, flags, None
+        ),
+        f"mount({target})",
+    )
