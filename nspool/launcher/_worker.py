@@ -11,17 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 import traceback
 from typing import NoReturn
 
 from .. import _serialize
 from .._protocol import Frame, FrameDecoder, Kind, encode_header
-
-#: flush buffered results once this many bytes or this much time has piled up
-_FLUSH_BYTES = 256 * 1024
-_FLUSH_AFTER = 0.001
-
 
 def _write_all(fd: int, bufs: list[bytes | bytearray | memoryview]) -> None:
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
@@ -103,15 +97,9 @@ def _serve(task_fd: int, result_fd: int, kill_leftovers: bool) -> int:
     host_pid = int(os.readlink("/proc/self"))
     _write_all(result_fd, [encode_header(Kind.READY, host_pid, 0)])
     decoder = FrameDecoder()
-    out: list[bytes | bytearray | memoryview] = []
-    out_bytes = 0
-    first_out = 0.0
     while True:
         frame = decoder.next_frame()
         if frame is None:
-            if out:
-                _write_all(result_fd, out)
-                out, out_bytes = [], 0
             n = os.readv(task_fd, [decoder.get_buffer()])
             if n == 0:
                 return 0  # the program closed our task pipe: we are done
@@ -121,15 +109,10 @@ def _serve(task_fd: int, result_fd: int, kill_leftovers: bool) -> int:
             kind, payload = _run_task(frame)
             _flush_stdio()
             _wipe_leftovers(kill_leftovers)
-            if not out:
-                first_out = time.monotonic()
-            out.append(encode_header(kind, frame.ident, len(payload)))
-            out.append(payload)
-            out_bytes += len(payload)
-            # Results wait only while more tasks are already here, and never for long.
-            if out_bytes >= _FLUSH_BYTES or time.monotonic() - first_out >= _FLUSH_AFTER:
-                _write_all(result_fd, out)
-                out, out_bytes = [], 0
+            # Each result leaves at once, never held back for a batch: the program relies on
+            # "the oldest unanswered task is the one running" to tell which task a crash
+            # killed (and to requeue the others).
+            _write_all(result_fd, [encode_header(kind, frame.ident, len(payload)), payload])
         elif frame.kind is Kind.INIT:
             try:
                 initializer, initargs = _serialize.loads(frame.payload)

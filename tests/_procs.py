@@ -1,0 +1,94 @@
+"""Process-table helpers for tests (plain /proc reading, no psutil)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, ppid) of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rindex(b")") + 2 :].split()
+    return rest[0].decode(), int(rest[1])
+
+
+def process_table() -> dict[int, tuple[str, int]]:
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _stat(int(name))
+            if st is not None:
+                table[int(name)] = st
+    return table
+
+
+def descendants(root: int | None = None) -> dict[int, str]:
+    """Every live descendant of ``root`` (default: this process) -> its state letter."""
+    root = os.getpid() if root is None else root
+    table = process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (_, ppid) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out: dict[int, str] = {}
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        out[pid] = table[pid][0]
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    st = _stat(pid)
+    return st is not None and st[0] != "Z"
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def nspool_processes() -> dict[int, str]:
+    """Processes anywhere on the machine that run nspool's launcher/fork server/workers."""
+    out = {}
+    for pid in process_table():
+        line = cmdline(pid)
+        if "nspool.launcher" in line and pid != os.getpid():
+            out[pid] = line
+    return out
+
+
+def wait_gone(pids: Iterable[int], timeout: float) -> set[int]:
+    """Poll until none of ``pids`` is alive or ``timeout`` passes; returns those still alive."""
+    pids = set(pids)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {p for p in pids if alive(p)}
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.01)  # polling the process table with a deadline, not synchronisation
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.01) -> bool:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it is true or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}

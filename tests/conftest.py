@@ -1,0 +1,81 @@
+"""Leak checks: every test must leave no process, zombie, fd or I/O thread behind, and the
+session must end with no nspool process anywhere on the machine."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _procs import descendants, nspool_processes, open_fds, wait_for  # noqa: E402
+
+GRACE = 5.0  # seconds a test's processes get to disappear after it (shutdown(wait=False))
+
+
+def _describe(pids: dict[int, str]) -> str:
+    from _procs import cmdline
+
+    return "\n".join(f"  pid {p} state {s}: {cmdline(p)!r}" for p, s in pids.items())
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    before_fds = open_fds()
+    before_procs = set(descendants())
+    yield
+    if request.node.get_closest_marker("leaks_ok"):
+        return
+
+    def clean() -> bool:
+        return (
+            not (set(descendants()) - before_procs)
+            and not (open_fds() - before_fds)
+            and not [t for t in threading.enumerate() if t.name == "nspool-io"]
+        )
+
+    if wait_for(clean, GRACE):
+        return
+    procs = {p: s for p, s in descendants().items() if p not in before_procs}
+    fds = open_fds() - before_fds
+    threads = [t.name for t in threading.enumerate() if t.name == "nspool-io"]
+    details = []
+    if procs:
+        details.append("processes left behind:\n" + _describe(procs))
+    if fds:
+        targets = {}
+        for fd in sorted(fds):
+            try:
+                targets[fd] = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                targets[fd] = "?"
+        details.append(f"fds left open: {targets}")
+    if threads:
+        details.append(f"I/O threads still running: {threads}")
+    pytest.fail("test leaked resources:\n" + "\n".join(details), pytrace=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    leftover = nspool_processes()
+    zombies = {p: s for p, s in descendants().items() if s == "Z"}
+    if leftover or zombies:
+        msg = "nspool processes outlived the test session:\n" + _describe(
+            {p: "?" for p in leftover}
+        )
+        if zombies:
+            msg += "\nzombie children of the test process:\n" + _describe(zombies)
+        print("\n" + msg, file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "leaks_ok: the test checks leaks itself")
+    leftover = nspool_processes()
+    if leftover:
+        raise pytest.UsageError(
+            "nspool processes are already running before the tests start:\n"
+            + _describe({p: "?" for p in leftover})
+        )

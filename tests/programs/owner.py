@@ -1,0 +1,74 @@
+"""A program that owns a pool, used by tests that must kill or interrupt the owner.
+
+usage: owner.py MODE
+  hold     start a daemon and a 200-process tree in tasks, print the PIDs as JSON, then block
+  print    run a task that prints to stdout and stderr, then exit
+  ctrlc    run long tasks and wait for them (the test sends SIGINT), printing PIDs first
+  daemonic run a pool inside a daemonic multiprocessing process
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tasks  # noqa: E402
+
+from nspool import NSPoolExecutor  # noqa: E402
+
+
+def report(**info: object) -> None:
+    print(json.dumps(info), flush=True)
+
+
+def hold() -> None:
+    ex = NSPoolExecutor(2, kill_leftovers=False)
+    tree_future = ex.submit(tasks.spawn_tree, 200)
+    ex.submit(tasks.sleep_forever)  # the second worker runs this one
+    tree = tree_future.result()
+    while len(ex.worker_pids()) < 2:
+        time.sleep(0.01)
+    report(launcher=ex.launcher_pid, workers=ex.worker_pids(), tree=tree)
+    sys.stdin.read()  # block until killed
+
+
+def print_mode() -> None:
+    with NSPoolExecutor(1) as ex:
+        ex.submit(tasks.print_and_return, "hello from a task").result()
+
+
+def ctrlc() -> None:
+    with NSPoolExecutor(2) as ex:
+        futures = [ex.submit(tasks.sleep_forever) for _ in range(3)]
+        daemon = ex.submit(tasks.spawn_daemon)
+        while len(ex.worker_pids()) < 2:
+            time.sleep(0.01)
+        report(launcher=ex.launcher_pid, workers=ex.worker_pids())
+        for f in futures:
+            f.result()
+        daemon.result()
+
+
+def _daemonic_child(q: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    with NSPoolExecutor(2) as ex:
+        q.put(sorted(ex.map(tasks.square, range(5))))
+
+
+def daemonic() -> None:
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_daemonic_child, args=(q,))
+    p.daemon = True
+    p.start()
+    report(result=q.get(timeout=60))
+    p.join(60)
+    report(exitcode=p.exitcode)
+
+
+if __name__ == "__main__":
+    {"hold": hold, "print": print_mode, "ctrlc": ctrlc, "daemonic": daemonic}[sys.argv[1]]()
