@@ -95,7 +95,7 @@ def markdown(results: Sequence[BenchResult], meta: dict[str, str], plots: dict[s
         if lines:
             out += [f"## {title}", "", "Cells: median (nspool advantage).", "", *lines, ""]
     for r in results:
-        out += [f"## {r.bench.title}", "", r.bench.about, "", f"({r.seconds:.0f} s)", ""]
+        out += [f"## {r.bench.title}", "", r.bench.about, "", f"_Took {r.seconds:.0f} s._", ""]
         for t in r.tables:
             out += [f"### {t.kind} fronts", "", *table_lines(t), ""]
         if r.bench.name in plots:

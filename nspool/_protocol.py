@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
-Payload = Union[bytes, bytearray, memoryview]
+Payload = bytes | bytearray | memoryview
 
 # ---------------------------------------------------------------------------------------------
 # Data frames
@@ -61,7 +61,8 @@ def encode_header(kind: Kind, ident: int, payload_len: int) -> bytes:
 
 def encode_frame(kind: Kind, ident: int, payload: Payload = b"") -> bytes:
     """One whole frame as bytes; for large payloads prefer ``encode_header`` plus writev."""
-    return HEADER.pack(len(payload), kind, ident) + payload
+    # nbytes, not len(): a memoryview of wider items has fewer items than bytes.
+    return HEADER.pack(memoryview(payload).nbytes, kind, ident) + payload
 
 
 class FrameDecoder:
@@ -131,7 +132,9 @@ class FrameDecoder:
     @property
     def pending_bytes(self) -> int:
         """Bytes received that are not yet part of a complete frame."""
-        return len(self._buf) + self._big_filled
+        if self._big is None:
+            return len(self._buf)
+        return HEADER_SIZE + self._big_filled
 
     # -- internals ----------------------------------------------------------------------------
     def _parse(self) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pickle
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-import cloudpickle
+import cloudpickle  # type: ignore[import-untyped]
 
 from .errors import RemoteTraceback, TaskPicklingError, TaskUnpicklingError
 
@@ -15,7 +16,8 @@ PROTOCOL = 5
 
 
 def dumps(obj: Any) -> bytes:
-    return cloudpickle.dumps(obj, protocol=PROTOCOL)
+    data: bytes = cloudpickle.dumps(obj, protocol=PROTOCOL)
+    return data
 
 
 loads = pickle.loads
@@ -71,6 +73,8 @@ def load_error(payload: Any) -> BaseException:
             f"the task raised an exception that could not be unpickled here: "
             f"{type(uerr).__name__}: {uerr}"
         )
+    if not isinstance(exc, BaseException):
+        return TaskUnpicklingError(f"the worker sent {type(exc).__name__}, not an exception")
     exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
     return exc
 

@@ -18,10 +18,10 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, InvalidStateError
 from functools import partial
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from . import _serialize
 from ._launch import LaunchConfig, Launcher
@@ -41,7 +41,7 @@ __all__ = ["NSPoolExecutor"]
 T = TypeVar("T")
 
 # (future, kind, value): kind OK/ERR carry a payload to unpickle, None carries an exception
-_Completion = tuple[Future, "Kind | None", Any]
+_Completion = tuple["Future[Any]", "Kind | None", Any]
 
 
 def _default_workers() -> int:
@@ -52,8 +52,16 @@ def _default_workers() -> int:
 class _Conn:
     """The program's ends of one worker's pipes."""
 
-    __slots__ = ("slot", "task_fd", "result_fd", "decoder", "out", "writing", "close_after",
-                 "kill_reason")
+    __slots__ = (
+        "slot",
+        "task_fd",
+        "result_fd",
+        "decoder",
+        "out",
+        "writing",
+        "close_after",
+        "kill_reason",
+    )
 
     def __init__(self, slot: WorkerSlot, task_fd: int, result_fd: int) -> None:
         self.slot = slot
@@ -534,7 +542,7 @@ class NSPoolExecutor(Executor):
             if buffersize < 1:
                 raise ValueError("buffersize must be None or > 0")
         end_time = None if timeout is None else timeout + time.monotonic()
-        args_iter: Iterator[tuple[Any, ...]] = zip(*iterables)
+        args_iter: Iterator[tuple[Any, ...]] = zip(*iterables)  # noqa: B905 - map stops at the shortest
         call: Callable[..., Any] = fn
         if chunksize > 1:
             call = partial(_process_chunk, fn)
@@ -589,13 +597,12 @@ class NSPoolExecutor(Executor):
         _complete(done)
         self.shutdown(wait=True)
 
-    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool | None:
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             # One Ctrl-C stops everything now instead of waiting for running tasks.
             self.kill_workers()
         else:
             self.shutdown(wait=True)
-        return False
 
 
 def _chunks(it: Iterator[T], size: int) -> Iterator[list[T]]:

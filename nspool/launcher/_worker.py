@@ -16,6 +16,8 @@ from typing import NoReturn
 
 from .. import _serialize
 from .._protocol import Frame, FrameDecoder, Kind, encode_header
+from ..errors import TaskPicklingError, TaskUnpicklingError
+
 
 def _write_all(fd: int, bufs: list[bytes | bytearray | memoryview]) -> None:
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
@@ -71,7 +73,7 @@ def _run_task(frame: Frame) -> tuple[Kind, bytes]:
     try:
         fn, args, kwargs = _serialize.loads(frame.payload)
     except BaseException as exc:  # noqa: BLE001
-        err = _serialize.TaskUnpicklingError(
+        err = TaskUnpicklingError(
             f"the worker could not unpickle the task: {type(exc).__name__}: {exc}"
         )
         err.__traceback__ = exc.__traceback__
@@ -85,11 +87,11 @@ def _run_task(frame: Frame) -> tuple[Kind, bytes]:
     try:
         return Kind.OK, _serialize.dumps(result)
     except BaseException as exc:  # noqa: BLE001
-        err = _serialize.TaskPicklingError(
+        perr = TaskPicklingError(
             f"the task's result of type {type(result).__name__} could not be pickled: "
             f"{type(exc).__name__}: {exc}"
         )
-        return Kind.ERR, _serialize.dump_error(err)
+        return Kind.ERR, _serialize.dump_error(perr)
 
 
 def _serve(task_fd: int, result_fd: int, kill_leftovers: bool) -> int:

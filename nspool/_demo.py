@@ -1,0 +1,84 @@
+"""``python -m nspool demo``: shows workers as PID 1 and a leaked daemon being torn down."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def _host_pid() -> int:
+    return int(os.readlink("/proc/self"))  # the host /proc is still mounted in a worker
+
+
+def whoami(linger: float) -> tuple[int, int, str]:
+    """(PID inside the worker's namespace, PID on the host, PID namespace)."""
+    time.sleep(linger)  # keep this worker busy so the other call lands on the other worker
+    return os.getpid(), _host_pid(), os.readlink("/proc/self/ns/pid")
+
+
+def start_daemon() -> int:
+    """Leave a double-forked, setsid'd, SIGTERM-ignoring daemon behind; return its host PID."""
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.write(w, str(_host_pid()).encode())
+            os.execvp("sleep", ["sleep", "3600"])
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 32):  # EOF once the daemon exec'd (the pipe is close-on-exec)
+        data += chunk
+    os.close(r)
+    os.wait()
+    return int(data)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _ps(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return "(gone)"
+
+
+def main() -> int:
+    from . import NSPoolExecutor
+
+    print(f"program: pid {os.getpid()}, PID namespace {os.readlink('/proc/self/ns/pid')}")
+    t0 = time.perf_counter()
+    with NSPoolExecutor(max_workers=2, kill_leftovers=False) as pool:
+        print(
+            f"launcher started in {(time.perf_counter() - t0) * 1e3:.0f} ms, pid {pool.launcher_pid}"
+        )
+        seen = {}
+        for ns_pid, host_pid, ns in pool.map(whoami, [0.2, 0.2]):
+            seen[host_pid] = (ns_pid, ns)
+        for host_pid, (ns_pid, ns) in sorted(seen.items()):
+            print(f"  worker host pid {host_pid}: sees itself as PID {ns_pid} in {ns}")
+        daemon = pool.submit(start_daemon).result()
+        print(f"a task left a setsid'd, double-forked, SIGTERM-ignoring daemon: pid {daemon}")
+        print(f"  alive after the task returned: {_alive(daemon)}  ({_ps(daemon)})")
+        print("shutting the pool down ...")
+        t1 = time.perf_counter()
+    took = (time.perf_counter() - t1) * 1e3
+    print(f"shutdown took {took:.1f} ms; daemon {daemon} alive now: {_alive(daemon)}")
+    with NSPoolExecutor(max_workers=1) as pool:
+        daemon = pool.submit(start_daemon).result()
+        print(
+            f"with the default kill_leftovers=True the daemon dies with its task: "
+            f"alive after the task returned: {_alive(daemon)}"
+        )
+    ok = not _alive(daemon)
+    print("OK: nothing outlived the pool" if ok else "FAILED: something survived")
+    return 0 if ok else 1

@@ -1,0 +1,320 @@
+"""The concurrent.futures API of NSPoolExecutor and its handling of bad input."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import threading
+import time
+from concurrent.futures import CancelledError, TimeoutError, wait
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+import tasks
+
+from nspool import (
+    NSPoolExecutor,
+    PoolInitializerError,
+    TaskPicklingError,
+    TaskUnpicklingError,
+    WorkerDiedError,
+)
+from nspool.errors import RemoteTraceback
+
+
+@pytest.fixture(scope="module")
+def ex():  # type: ignore[no-untyped-def]
+    # One pool for the read-only API tests of this module; the leak check runs per test, so
+    # the module fixture is built before the first test records its baseline.
+    pool = NSPoolExecutor(2)
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Overrides the per-test leak check: the shared pool lives across tests here; the
+    module's last test checks that nothing is left once it is shut down."""
+    yield
+
+
+def test_lambdas_closures_and_main_functions_travel_by_value(ex: NSPoolExecutor) -> None:
+    k = 10
+    assert ex.submit(lambda x: x + k, 5).result() == 15
+
+    def inner(a: int, *, b: int) -> int:
+        return a * b
+
+    assert ex.submit(inner, 3, b=4).result() == 12
+
+
+def test_map_orders_results_and_supports_chunksize(ex: NSPoolExecutor) -> None:
+    expected = [i * i for i in range(100)]
+    assert list(ex.map(tasks.square, range(100))) == expected
+    assert list(ex.map(tasks.square, range(100), chunksize=7)) == expected
+    assert list(ex.map(pow, range(10), range(10))) == [pow(i, i) for i in range(10)]
+    with pytest.raises(ValueError):
+        ex.map(tasks.square, range(3), chunksize=0)
+
+
+def test_map_timeout_raises_timeouterror(ex: NSPoolExecutor) -> None:
+    it = ex.map(time.sleep, [5], timeout=0.2)
+    with pytest.raises(TimeoutError):
+        next(it)
+
+
+def test_map_buffersize_bounds_submission(ex: NSPoolExecutor) -> None:
+    consumed = []
+
+    def source():  # type: ignore[no-untyped-def]
+        for i in range(20):
+            consumed.append(i)
+            yield i
+
+    it = ex.map(tasks.square, source(), buffersize=3)
+    assert len(consumed) == 3
+    assert next(it) == 0
+    assert len(consumed) == 4
+    assert list(it) == [i * i for i in range(1, 20)]
+    with pytest.raises(ValueError):
+        ex.map(tasks.square, [], buffersize=0)
+    with pytest.raises(TypeError):
+        ex.map(tasks.square, [], buffersize=1.5)  # type: ignore[arg-type]
+
+
+def test_task_exception_carries_the_remote_traceback(ex: NSPoolExecutor) -> None:
+    with pytest.raises(ValueError, match="boom") as info:
+        ex.submit(tasks.raise_value_error, "boom").result()
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "raise_value_error" in str(cause) and "tasks.py" in str(cause)
+
+
+def test_unpicklable_argument_fails_only_that_future(ex: NSPoolExecutor) -> None:
+    f = ex.submit(tasks.echo, threading.Lock())
+    exc = f.exception()
+    assert isinstance(exc, TaskPicklingError) and isinstance(exc, pickle.PicklingError)
+    assert "argument 0" in str(exc) and "lock" in str(exc)
+    assert ex.submit(tasks.square, 4).result() == 16
+
+
+def test_unpicklable_function_and_keyword_are_named(ex: NSPoolExecutor) -> None:
+    lock = threading.Lock()
+    exc = ex.submit(lambda: lock).exception()
+    assert isinstance(exc, TaskPicklingError) and "the function" in str(exc)
+    exc = ex.submit(tasks.echo, x=lock).exception()
+    assert isinstance(exc, TaskPicklingError) and "keyword argument 'x'" in str(exc)
+
+
+def test_unpicklable_result_fails_only_that_future(ex: NSPoolExecutor) -> None:
+    exc = ex.submit(tasks.return_unpicklable).exception()
+    assert isinstance(exc, TaskPicklingError)
+    assert "result" in str(exc) and "Unpicklable refuses" in str(exc)
+    assert ex.submit(tasks.square, 5).result() == 25
+
+
+def test_exception_that_cannot_be_pickled(ex: NSPoolExecutor) -> None:
+    exc = ex.submit(tasks.raise_unpicklable_error).exception()
+    assert isinstance(exc, TaskPicklingError)
+    assert "UnpicklableError" in str(exc) and "could not be pickled" in str(exc)
+    assert "raise_unpicklable_error" in str(exc.__cause__)
+
+
+def test_exception_that_cannot_be_unpickled(ex: NSPoolExecutor) -> None:
+    exc = ex.submit(tasks.raise_not_unpicklable).exception()
+    assert isinstance(exc, TaskUnpicklingError)
+    assert "could not be unpickled" in str(exc)
+    assert ex.submit(tasks.square, 6).result() == 36
+
+
+def test_sys_exit_in_a_task_fails_only_its_future(ex: NSPoolExecutor) -> None:
+    exc = ex.submit(tasks.call_sys_exit, 4).exception()
+    assert isinstance(exc, SystemExit) and exc.code == 4
+    assert ex.submit(tasks.square, 2).result() == 4
+
+
+def test_submit_is_safe_from_many_threads(ex: NSPoolExecutor) -> None:
+    results: list[list[int]] = []
+
+    def client(base: int) -> None:
+        fs = [ex.submit(tasks.square, base + i) for i in range(200)]
+        results.append([f.result() for f in fs])
+
+    threads = [threading.Thread(target=client, args=(k * 1000,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(map(sum, results)) == sorted(
+        sum((k * 1000 + i) ** 2 for i in range(200)) for k in range(4)
+    )
+
+
+def test_big_payloads_both_ways(ex: NSPoolExecutor) -> None:
+    size = 256 * 1024 * 1024
+    data = bytes(range(256)) * (size // 256)
+    out = ex.submit(tasks.echo, data).result(timeout=120)
+    assert len(out) == size and out[:512] == data[:512] and out[-512:] == data[-512:]
+    del data, out
+
+
+def test_zz_module_pool_leaves_nothing(ex: NSPoolExecutor) -> None:
+    from _procs import descendants
+
+    launcher = ex.launcher_pid
+    assert descendants()
+    ex.shutdown()
+    assert descendants() == {}
+    assert not os.path.exists(f"/proc/{launcher}") or open(f"/proc/{launcher}/stat").read()
+
+
+# -- tests with a pool of their own -----------------------------------------------------------
+
+
+def test_cancel_futures_and_queued_cancel() -> None:
+    with NSPoolExecutor(1) as pool:
+        from _procs import wait_for
+
+        gate = pool.submit(time.sleep, 0.5)
+        assert wait_for(gate.running, 10)
+        queued = [pool.submit(tasks.square, i) for i in range(5)]
+        assert queued[0].cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        assert gate.result() is None
+        assert all(f.cancelled() for f in queued)
+
+
+def test_shutdown_waits_for_pending_and_then_refuses_work() -> None:
+    pool = NSPoolExecutor(2)
+    fs = [pool.submit(time.sleep, 0.05) for _ in range(6)]
+    pool.shutdown(wait=True)
+    assert all(f.done() and f.exception() is None for f in fs)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(tasks.square, 1)
+    pool.shutdown()  # idempotent
+
+
+def test_shutdown_without_wait_still_finishes_tasks() -> None:
+    pool = NSPoolExecutor(1)
+    f = pool.submit(tasks.square, 9)
+    pool.shutdown(wait=False)
+    assert f.result(timeout=30) == 81
+
+
+@pytest.mark.parametrize("method", ["terminate_workers", "kill_workers"])
+def test_terminate_and_kill_workers(method: str) -> None:
+    pool = NSPoolExecutor(1)
+    running = pool.submit(tasks.sleep_forever)
+    queued = pool.submit(tasks.square, 3)
+    from _procs import wait_for
+
+    assert wait_for(lambda: bool(pool.worker_pids()), 10)
+    getattr(pool, method)()
+    assert isinstance(running.exception(timeout=10), WorkerDiedError)
+    assert queued.cancelled()
+    with pytest.raises(RuntimeError):
+        pool.submit(tasks.square, 1)
+
+
+def test_initializer_runs_in_every_worker() -> None:
+    with NSPoolExecutor(2, initializer=tasks.init_store, initargs=("hi",)) as pool:
+        assert pool.submit(tasks.read_store).result() == ["hi"]
+
+
+def test_failing_initializer_breaks_the_pool_with_a_clear_error() -> None:
+    pool = NSPoolExecutor(1, initializer=tasks.init_fail)
+    f = pool.submit(tasks.square, 1)
+    exc = f.exception(timeout=30)
+    assert isinstance(exc, PoolInitializerError) and isinstance(exc, BrokenProcessPool)
+    assert "initializer exploded" in str(exc)
+    with pytest.raises(BrokenProcessPool):
+        pool.submit(tasks.square, 1)
+    pool.shutdown()
+
+
+def test_max_tasks_per_child_replaces_workers() -> None:
+    with NSPoolExecutor(1, max_tasks_per_child=3) as pool:
+        pids = [pool.submit(tasks.host_pid).result() for _ in range(9)]
+        assert [len(set(pids[i : i + 3])) for i in (0, 3, 6)] == [1, 1, 1]
+        assert len(set(pids)) == 3
+        assert list(pool.map(tasks.square, range(50))) == [i * i for i in range(50)]
+
+
+def test_preload_imports_modules_in_the_launcher() -> None:
+    names = ["email.mime.text", "xml.dom.minidom"]
+    with NSPoolExecutor(1, preload=names) as pool:
+        assert pool.submit(tasks.modules_loaded, names).result() == dict.fromkeys(names, True)
+    with NSPoolExecutor(1) as pool:
+        assert pool.submit(tasks.modules_loaded, ["xml.dom.minidom"]).result() == {
+            "xml.dom.minidom": False
+        }
+
+
+def test_preload_of_a_missing_module_fails_the_constructor() -> None:
+    with pytest.raises(BrokenProcessPool, match="no_such_module_xyz"):
+        NSPoolExecutor(1, preload=["no_such_module_xyz"])
+
+
+def test_bad_constructor_arguments() -> None:
+    with pytest.raises(ValueError):
+        NSPoolExecutor(0)
+    with pytest.raises(ValueError):
+        NSPoolExecutor(1, max_tasks_per_child=0)
+    with pytest.raises(TypeError):
+        NSPoolExecutor(1, initializer=42)  # type: ignore[arg-type]
+
+
+def test_max_workers_defaults_like_the_stdlib() -> None:
+    with NSPoolExecutor() as pool:
+        expected = getattr(os, "process_cpu_count", os.cpu_count)()
+        assert pool._max_workers == expected
+        assert pool.submit(tasks.square, 2).result() == 4
+
+
+def test_done_callback_may_submit_more_work() -> None:
+    with NSPoolExecutor(1) as pool:
+        second: list = []
+        first = pool.submit(tasks.square, 2)
+        first.add_done_callback(lambda f: second.append(pool.submit(tasks.square, f.result())))
+        first.result()
+        from _procs import wait_for
+
+        assert wait_for(lambda: bool(second), 10)
+        assert second[0].result() == 16
+
+
+def test_cancelled_future_result_raises() -> None:
+    with NSPoolExecutor(1) as pool:
+        gate = pool.submit(time.sleep, 0.3)
+        f = pool.submit(tasks.square, 2)
+        f.cancel()
+        with pytest.raises(CancelledError):
+            f.result()
+        wait([gate])
+
+
+def test_namespace_refusal_raises_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """In a throwaway user namespace whose PID-namespace limit is 0, the constructor must
+    raise NamespaceError naming the limit and the fix."""
+    import subprocess
+
+    script = (
+        "import os,sys\n"
+        "from nspool.launcher import _syscalls as s\n"
+        "uid, gid = os.geteuid(), os.getegid()\n"
+        "s.unshare(s.CLONE_NEWUSER)\n"
+        "open('/proc/self/setgroups','w').write('deny')\n"
+        "open('/proc/self/uid_map','w').write(f'0 {uid} 1')\n"
+        "open('/proc/self/gid_map','w').write(f'0 {gid} 1')\n"
+        "open('/proc/sys/user/max_pid_namespaces','w').write('0')\n"
+        "from nspool import NSPoolExecutor, NamespaceError\n"
+        "try:\n"
+        "    NSPoolExecutor(1)\n"
+        "except NamespaceError as e:\n"
+        "    print('ERRNO', e.errno); print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "ERRNO 28" in out.stdout  # ENOSPC
+    assert "max_pid_namespaces" in out.stdout and "sysctl" in out.stdout
