@@ -58,9 +58,8 @@ def main() -> int:
     print(f"program: pid {os.getpid()}, PID namespace {os.readlink('/proc/self/ns/pid')}")
     t0 = time.perf_counter()
     with NSPoolExecutor(max_workers=2, kill_leftovers=False) as pool:
-        print(
-            f"launcher started in {(time.perf_counter() - t0) * 1e3:.0f} ms, pid {pool.launcher_pid}"
-        )
+        took = (time.perf_counter() - t0) * 1e3
+        print(f"launcher started in {took:.0f} ms, pid {pool.launcher_pid}")
         seen = {}
         for ns_pid, host_pid, ns in pool.map(whoami, [0.2, 0.2]):
             seen[host_pid] = (ns_pid, ns)
