@@ -182,3 +182,14 @@ class NotUnpicklableError(Exception):
 
 def raise_not_unpicklable() -> None:
     raise NotUnpicklableError(1, 2)
+
+
+def exhaust_memory_in_cgroup(cgroup_dir: str) -> None:
+    """Move this worker into a memory-limited cgroup, then allocate until the OOM killer
+    strikes."""
+    with open(os.path.join(cgroup_dir, "cgroup.procs"), "w") as f:
+        f.write("0")  # "0" means the writing process
+    hog = []
+    while True:
+        hog.append(bytearray(8 * 1024 * 1024))
+        hog[-1][::4096] = b"x" * len(hog[-1][::4096])  # touch every page

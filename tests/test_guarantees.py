@@ -159,6 +159,58 @@ def test_guarantee4_sigkill_from_outside_fails_only_the_running_task() -> None:
     assert isinstance(survivor.exception(), BrokenProcessPool)
 
 
+def _memory_cgroup() -> str | None:
+    """A fresh memory cgroup limited to 64 MiB (v2 or v1), or None where we cannot make one."""
+    import tempfile
+
+    for base, limit_file in (
+        ("/sys/fs/cgroup", "memory.max"),
+        ("/sys/fs/cgroup/unified", "memory.max"),
+        ("/sys/fs/cgroup/memory", "memory.limit_in_bytes"),
+    ):
+        if not os.path.exists(os.path.join(base, "cgroup.procs")):
+            continue
+        try:
+            path = tempfile.mkdtemp(prefix="nspool-oom-", dir=base)
+        except OSError:
+            continue
+        try:
+            with open(os.path.join(path, limit_file), "w") as f:
+                f.write(str(64 * 1024 * 1024))
+            if os.path.exists(os.path.join(path, "memory.swap.max")):
+                with open(os.path.join(path, "memory.swap.max"), "w") as f:
+                    f.write("0")
+            return path
+        except OSError:
+            os.rmdir(path)
+    return None
+
+
+def test_guarantee4_an_oom_killed_worker_fails_only_its_task() -> None:
+    cgroup = _memory_cgroup()
+    if cgroup is None:
+        pytest.skip("no writable memory cgroup here (needs root)")
+    try:
+        with NSPoolExecutor(2) as ex:
+            others = [ex.submit(tasks.square, i) for i in range(20)]
+            hog = ex.submit(tasks.exhaust_memory_in_cgroup, cgroup)
+            with pytest.raises(WorkerDiedError) as info:
+                hog.result(timeout=60)
+            assert info.value.signal == signal.SIGKILL and "SIGKILL" in str(info.value)
+            assert [f.result() for f in others] == [i * i for i in range(20)]
+            assert ex.submit(tasks.square, 12).result() == 144
+    finally:
+        assert wait_for(lambda: _rmdir_ok(cgroup), 10)
+
+
+def _rmdir_ok(path: str) -> bool:
+    try:
+        os.rmdir(path)
+    except OSError:
+        return False
+    return True
+
+
 def test_queued_tasks_of_a_dead_worker_are_not_lost() -> None:
     """Fast tasks are batched several to a worker; a crash must requeue the unstarted ones."""
     with NSPoolExecutor(1) as ex:
@@ -198,6 +250,16 @@ def test_task_output_reaches_the_programs_stdout_and_stderr() -> None:
     assert out.returncode == 0, out.stderr
     assert "hello from a task" in out.stdout
     assert "hello from a task" in out.stderr
+
+
+def test_interpreter_exit_without_shutdown_finishes_work_and_leaves_nothing() -> None:
+    out = subprocess.run(
+        [sys.executable, OWNER, "noshutdown"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.splitlines()[0])
+    assert "finished at exit" in out.stdout
+    assert not alive(info["launcher"])
 
 
 def test_one_ctrl_c_stops_everything_cleanly() -> None:

@@ -5,6 +5,7 @@ usage: owner.py MODE
   print    run a task that prints to stdout and stderr, then exit
   ctrlc    run long tasks and wait for them (the test sends SIGINT), printing PIDs first
   daemonic run a pool inside a daemonic multiprocessing process
+  noshutdown  submit a task and exit without shutting the pool down
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ def ctrlc() -> None:
         daemon.result()
 
 
+def noshutdown() -> None:
+    ex = NSPoolExecutor(1)
+    report(launcher=ex.launcher_pid)
+    ex.submit(tasks.print_and_return, "finished at exit")
+    # no shutdown: the interpreter's exit must finish the task and tear the pool down
+
+
 def _daemonic_child(q: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     with NSPoolExecutor(2) as ex:
         q.put(sorted(ex.map(tasks.square, range(5))))
@@ -71,4 +79,10 @@ def daemonic() -> None:
 
 
 if __name__ == "__main__":
-    {"hold": hold, "print": print_mode, "ctrlc": ctrlc, "daemonic": daemonic}[sys.argv[1]]()
+    {
+        "hold": hold,
+        "print": print_mode,
+        "ctrlc": ctrlc,
+        "daemonic": daemonic,
+        "noshutdown": noshutdown,
+    }[sys.argv[1]]()
