@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import TaskTimeoutError
+
 
 class WState(enum.Enum):
     STARTING = "starting"  #: spawn requested, READY not yet seen
@@ -31,6 +33,10 @@ class Task:
     handle: Any = None
     #: handed to a worker at least once (its future is running and cannot be cancelled)
     started: bool = False
+    #: seconds this task may run once its worker starts it (None: no limit)
+    timeout: float | None = None
+    #: set when the task is being killed (hard cancel, deadline): how its caller is failed
+    fail_with: BaseException | None = None
 
 
 @dataclass(eq=False)
@@ -42,8 +48,10 @@ class WorkerSlot:
     #: tasks this worker may still be given (``max_tasks_per_child``); None = unlimited
     budget: int | None = None
     pid: int = 0
-    #: when the head of ``inflight`` started (for the service-time estimate)
+    #: when the head of ``inflight`` started, or when the worker went idle
     head_since: float = 0.0
+    #: a kill of this worker was requested (the head task is being stopped)
+    killing: bool = False
 
 
 @dataclass
@@ -179,6 +187,44 @@ class PoolCore:
                 if t.id == task_id:
                     return t, w
         return None
+
+    def heads_to_kill(self, now: float) -> tuple[list[WorkerSlot], float | None]:
+        """Workers whose running task must be stopped now (hard-cancelled, or past its
+        deadline), and the next moment a deadline falls due (None if none is pending).
+
+        A task that was hard-cancelled while it waited in a worker's pipe is stopped the moment
+        it becomes that worker's head: the tasks behind it are requeued, not lost."""
+        kill: list[WorkerSlot] = []
+        next_due: float | None = None
+        for w in self.workers.values():
+            if not w.inflight or w.killing or w.state is WState.STARTING:
+                continue
+            head = w.inflight[0]
+            if head.fail_with is None and head.timeout is not None:
+                due = w.head_since + head.timeout
+                if now >= due:
+                    head.fail_with = TaskTimeoutError(
+                        f"the task ran longer than its {head.timeout:g} s deadline; its "
+                        "worker and every process it started were killed"
+                    )
+                else:
+                    next_due = due if next_due is None else min(next_due, due)
+            if head.fail_with is not None:
+                w.killing = True
+                kill.append(w)
+        return kill, next_due
+
+    def idle_workers(self, now: float, idle_timeout: float) -> list[WorkerSlot]:
+        """Ready workers idle for ``idle_timeout`` seconds while nothing is queued: they are
+        marked closing and returned (the front closes their task pipe)."""
+        if self.queue:
+            return []
+        out = []
+        for w in self.workers.values():
+            if w.state is WState.READY and not w.inflight and now - w.head_since >= idle_timeout:
+                w.state = WState.CLOSING
+                out.append(w)
+        return out
 
     def drain_queue(self) -> list[Task]:
         """Remove and return every queued (not yet sent) task."""

@@ -14,6 +14,7 @@ __all__ = [
     "PoolInitializerError",
     "RemoteTraceback",
     "TaskPicklingError",
+    "TaskTimeoutError",
     "TaskUnpicklingError",
     "WorkerDiedError",
     "describe_wait_status",
@@ -44,6 +45,10 @@ class LauncherDiedError(BrokenProcessPool):
 
 class PoolInitializerError(BrokenProcessPool):
     """The pool's ``initializer`` raised in a worker: the pool is broken, as in the stdlib."""
+
+
+class TaskTimeoutError(TimeoutError):
+    """A task ran past its deadline; its worker and every process it started were killed."""
 
 
 class TaskPicklingError(pickle.PicklingError):

@@ -19,29 +19,20 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, InvalidStateError
+from concurrent.futures import CancelledError, Executor, Future, InvalidStateError, wait
 from functools import partial
 from typing import Any, TypeVar
 
 from . import _serialize
+from ._driver import Completion, Conn, PoolDriver
 from ._launch import LaunchConfig, Launcher
-from ._pool import Actions, PoolCore, Task, WorkerSlot
-from ._protocol import Ctl, Frame, FrameDecoder, Kind, encode_frame, encode_header
-from .errors import (
-    BrokenProcessPool,
-    LauncherDiedError,
-    PoolInitializerError,
-    TaskPicklingError,
-    WorkerDiedError,
-    describe_wait_status,
-)
+from ._pool import PoolCore, Task
+from ._protocol import Kind
+from .errors import BrokenProcessPool, LauncherDiedError, TaskPicklingError
 
 __all__ = ["NSPoolExecutor"]
 
 T = TypeVar("T")
-
-# (future, kind, value): kind OK/ERR carry a payload to unpickle, None carries an exception
-_Completion = tuple["Future[Any]", "Kind | None", Any]
 
 
 def _default_workers() -> int:
@@ -49,33 +40,8 @@ def _default_workers() -> int:
     return max(count, 1)
 
 
-class _Conn:
-    """The program's ends of one worker's pipes."""
-
-    __slots__ = (
-        "slot",
-        "task_fd",
-        "result_fd",
-        "decoder",
-        "out",
-        "writing",
-        "close_after",
-        "kill_reason",
-    )
-
-    def __init__(self, slot: WorkerSlot, task_fd: int, result_fd: int) -> None:
-        self.slot = slot
-        self.task_fd = task_fd
-        self.result_fd = result_fd
-        self.decoder = FrameDecoder()
-        self.out: deque[memoryview] = deque()
-        self.writing = False  # task_fd registered for EVENT_WRITE
-        self.close_after = False  # close task_fd once ``out`` is written
-        self.kill_reason: str | None = None
-
-
-class _Engine:
-    """Everything the I/O thread touches; the executor object only holds a reference to it, so
+class _Engine(PoolDriver):
+    """The driver plus the I/O thread. The executor object only holds a reference to it, so
     an executor that is garbage-collected without shutdown still lets the thread finish."""
 
     def __init__(
@@ -86,20 +52,13 @@ class _Engine:
         config: LaunchConfig,
         start_timeout: float,
     ) -> None:
+        core = PoolCore(max_workers, max_tasks_per_child=max_tasks_per_child, claim=self._claim)
+        super().__init__(core, Launcher(config, start_timeout), init_payload)
         self.lock = threading.Lock()
-        self.core = PoolCore(
-            max_workers, max_tasks_per_child=max_tasks_per_child, claim=self._claim
-        )
-        self.init_payload = init_payload
-        self.launcher = Launcher(config, start_timeout)
-        self.conns: dict[int, _Conn] = {}
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
         self.wake_pending = False
-        self.shutdown_requested = False
-        self.broken: BrokenProcessPool | None = None
-        self.task_ids = itertools.count(1)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
         self.sel.register(self.launcher.fileno(), selectors.EVENT_READ, self.launcher)
@@ -120,97 +79,63 @@ class _Engine:
             except BlockingIOError:
                 pass
 
-    def check_open(self) -> None:
-        if self.broken is not None:
-            raise type(self.broken)(str(self.broken))
-        if self.shutdown_requested:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-
     def enqueue(self, task: Task) -> None:
+        """Queue a task and, when a worker has room, write it from this thread right away."""
         core = self.core
         core.submit(task)
-        actions = core.schedule(time.monotonic(), spawn=False)
-        if actions:
-            self._perform(actions)
-        if core.queue and len(core.workers) < core.max_workers:
-            self.wake()  # the I/O thread spawns workers
+        done: list[Completion] = []
+        self.step(done, spawn=False)
+        assert not done  # only spawning can fail the pool
+        if (core.queue and len(core.workers) < core.max_workers) or task.timeout is not None:
+            self.wake()  # the I/O thread starts workers and keeps the deadline clock
 
-    def kill_all(self, sig: int, reason: str) -> list[_Completion]:
-        """Signal every worker; fail their tasks and cancel the queued ones."""
-        done: list[_Completion] = []
-        for task in self.core.drain_all():
-            if task.started:
-                exc = WorkerDiedError(
-                    f"the task's worker was stopped by {reason}", exitcode=None, signal=sig
-                )
-                done.append((task.handle, None, exc))
-            else:
-                task.handle.cancel()
-        for conn in self.conns.values():
-            conn.kill_reason = reason
-            self.launcher.kill(conn.slot.wid, sig)
-        return done
+    # -- hooks ------------------------------------------------------------------------------------
+    def _watch_result(self, conn: Conn) -> None:
+        self.sel.register(conn.result_fd, selectors.EVENT_READ, conn)
 
-    # -- writing --------------------------------------------------------------------------------
-    def _perform(self, actions: Actions) -> None:
-        for slot, tasks in actions.send:
-            conn = self.conns[slot.wid]
-            for task in tasks:
-                conn.out.append(memoryview(encode_header(Kind.TASK, task.id, len(task.payload))))
-                conn.out.append(memoryview(task.payload))
-            self._flush(conn)
-        for slot in actions.close:
-            conn = self.conns[slot.wid]
-            conn.close_after = True
-            self._flush(conn)
+    def _want_write(self, conn: Conn) -> None:
+        if threading.current_thread() is self.thread:
+            self.sel.register(conn.task_fd, selectors.EVENT_WRITE, (conn,))
+            conn.writing = True
+        else:
+            self.wake()  # the I/O thread picks the conn up in its next round
 
-    def _flush(self, conn: _Conn) -> None:
-        out = conn.out
-        while out:
-            try:
-                n = os.writev(conn.task_fd, list(itertools.islice(out, 0, 512)))
-            except BlockingIOError:
-                break
-            except OSError:  # EPIPE: the worker is gone; its EXITED message will follow
-                out.clear()
-                self.launcher.kill(conn.slot.wid, signal.SIGKILL)
-                break
-            while n:
-                head = out[0]
-                if n >= len(head):
-                    n -= len(head)
-                    out.popleft()
-                else:
-                    out[0] = head[n:]
-                    n = 0
-        if out and not conn.writing:
-            self.wake()  # the I/O thread watches for room in the pipe
-        if not out and conn.close_after and conn.task_fd >= 0:
-            if conn.writing and threading.current_thread() is self.thread:
-                self.sel.unregister(conn.task_fd)
-                conn.writing = False
-            if not conn.writing:
-                os.close(conn.task_fd)
-                conn.task_fd = -1
+    def _release_fd(self, fd: int) -> None:
+        try:
+            self.sel.unregister(fd)
+        except KeyError:
+            pass
 
     # -- the I/O thread -------------------------------------------------------------------------
     def _run(self) -> None:
+        timeout: float | None = None
         try:
             while True:
-                events = self.sel.select()
-                done: list[_Completion] = []
+                events = self.sel.select(timeout)
+                done: list[Completion] = []
                 with self.lock:
-                    for key, mask in events:
+                    for key, _ in events:
                         what = key.data
                         if what is None:
                             self._drain_wake()
                         elif what is self.launcher:
-                            self._on_control(done)
-                        elif mask & selectors.EVENT_READ:
-                            self._on_readable(what, done)
-                        else:
-                            self._flush(what[0])
-                    finished = self._step(done)
+                            self.on_control(done)
+                        elif isinstance(what, Conn):
+                            if what.result_fd >= 0:
+                                self.on_readable(what, done)
+                        else:  # room in a task pipe
+                            conn = what[0]
+                            self.sel.unregister(conn.task_fd)
+                            conn.writing = False
+                            self.flush(conn)
+                    for conn in list(self.conns.values()):
+                        if conn.out and not conn.writing:
+                            self.flush(conn)
+                    next_due = self.step(done)
+                    finished = self.broken is not None or (
+                        self.shutdown_requested and self.core.idle
+                    )
+                    timeout = None if next_due is None else max(next_due - time.monotonic(), 0)
                 _complete(done)
                 if finished:
                     break
@@ -230,149 +155,17 @@ class _Engine:
         except BlockingIOError:
             pass
 
-    def _step(self, done: list[_Completion]) -> bool:
-        """Schedule, start workers, fix fd interest; True when the thread should finish."""
-        if self.broken is None:
-            actions = self.core.schedule(time.monotonic())
-            for slot in actions.spawn:
-                try:
-                    task_fd, result_fd = self.launcher.spawn(slot.wid)
-                except OSError as exc:
-                    self._break(LauncherDiedError(f"cannot reach the launcher: {exc}"), done)
-                    return True
-                conn = _Conn(slot, task_fd, result_fd)
-                self.conns[slot.wid] = conn
-                self.sel.register(result_fd, selectors.EVENT_READ, conn)
-                if self.init_payload is not None:
-                    conn.out.append(memoryview(encode_frame(Kind.INIT, 0, self.init_payload)))
-            self._perform(actions)
-            for conn in self.conns.values():
-                if conn.out and not conn.writing:
-                    self._flush(conn)
-                want = bool(conn.out)
-                if want != conn.writing:
-                    if want:
-                        self.sel.register(conn.task_fd, selectors.EVENT_WRITE, (conn,))
-                    else:
-                        self.sel.unregister(conn.task_fd)
-                    conn.writing = want
-                    self._flush(conn)
-        if self.broken is not None:
-            return True
-        return self.shutdown_requested and self.core.idle
-
-    def _on_readable(self, conn: _Conn, done: list[_Completion]) -> None:
-        decoder = conn.decoder
-        for _ in range(64):
-            try:
-                n = os.readv(conn.result_fd, [decoder.get_buffer()])
-            except BlockingIOError:
-                break
-            if n == 0:
-                # The worker closed its result pipe: it is exiting, or a task closed the fd.
-                # Make sure it is gone; EXITED then settles its tasks.
-                self.sel.unregister(conn.result_fd)
-                os.close(conn.result_fd)
-                conn.result_fd = -1
-                self.launcher.kill(conn.slot.wid, signal.SIGKILL)
-                break
-            decoder.buffer_updated(n)
-        now = time.monotonic()
-        while (frame := decoder.next_frame()) is not None:
-            self._on_frame(conn, frame, now, done)
-
-    def _on_frame(self, conn: _Conn, frame: Frame, now: float, done: list[_Completion]) -> None:
-        kind = frame.kind
-        if kind is Kind.OK or kind is Kind.ERR:
-            task = self.core.on_result(conn.slot.wid, frame.ident, now)
-            done.append((task.handle, kind, frame.payload))
-        elif kind is Kind.READY:
-            self.core.on_ready(conn.slot.wid, frame.ident, now)
-        elif kind is Kind.INIT_FAILED:
-            tb = bytes(frame.payload).decode("utf-8", "replace")
-            self._break(
-                PoolInitializerError(
-                    "A process in the process pool failed in its initializer; the pool is "
-                    f"not usable anymore. The initializer's traceback:\n{tb}"
-                ),
-                done,
-            )
-
-    def _on_control(self, done: list[_Completion]) -> None:
-        msgs, eof = self.launcher.receive()
-        for msg in msgs:
-            if msg.kind is Ctl.EXITED:
-                self._on_exit(msg.wid, msg.value, done)
-            elif msg.kind is Ctl.SPAWN_FAILED:
-                self._on_exit(msg.wid, None, done, msg.text)
-        if eof and self.broken is None:
-            how = self.launcher.exit_description()
-            self._break(
-                LauncherDiedError(
-                    f"the pool's launcher (pid {self.launcher.pid}) {how}; every worker "
-                    "died with it, so the pool is not usable anymore"
-                ),
-                done,
-            )
-
-    def _on_exit(
-        self, wid: int, status: int | None, done: list[_Completion], text: str = ""
-    ) -> None:
-        conn = self.conns.pop(wid, None)
-        if conn is None:
-            return
-        if conn.result_fd >= 0:
-            # Results written just before the exit are still in the pipe: read them first.
-            self._on_readable(conn, done)
-            if conn.result_fd >= 0:
-                self.sel.unregister(conn.result_fd)
-                os.close(conn.result_fd)
-        if conn.task_fd >= 0:
-            if conn.writing:
-                self.sel.unregister(conn.task_fd)
-            os.close(conn.task_fd)
-        outcome = self.core.on_exit(wid)
-        if status is None:
-            how, code, sig = f"could not be started ({text})", None, None
-        else:
-            code, sig, how = describe_wait_status(status)
-        if conn.kill_reason:
-            how += f" (stopped by {conn.kill_reason})"
-        if outcome.lost is not None:
-            pid = conn.slot.pid or "?"
-            exc = WorkerDiedError(
-                f"the worker (pid {pid}) running this task {how}; the pool replaced it",
-                exitcode=code,
-                signal=sig,
-            )
-            done.append((outcome.lost.handle, None, exc))
-        if self.core.startup_failing and self.broken is None:
-            self._break(
-                LauncherDiedError(f"workers keep dying during start-up: the last one {how}"),
-                done,
-            )
-
-    def _break(self, exc: BrokenProcessPool, done: list[_Completion]) -> None:
-        self.broken = exc
-        for task in self.core.drain_all():
-            done.append((task.handle, None, exc))
-
     def _teardown(self) -> None:
         with self.lock:
             self.shutdown_requested = True
             leftover = self.core.drain_all()
-            conns = list(self.conns.values())
-            self.conns.clear()
-        for conn in conns:
-            for fd in (conn.task_fd, conn.result_fd):
-                if fd >= 0:
-                    os.close(fd)
+            self.close_all_fds()
         self.sel.close()
         self.launcher.close()  # waits until the launcher and everything under it is gone
         os.close(self.wake_r)
         os.close(self.wake_w)
         err = self.broken or BrokenProcessPool("the pool shut down before the task ran")
-        _complete([(t.handle, None, err) for t in leftover])
+        _complete([(t.handle, None, t.fail_with or err) for t in leftover])
         _live_engines.discard(self)
 
     # -- shutdown -----------------------------------------------------------------------------
@@ -390,11 +183,13 @@ class _Engine:
             self.thread.join()
 
 
-def _complete(done: list[_Completion]) -> None:
+def _complete(done: list[Completion]) -> None:
     """Settle futures outside the lock (their callbacks may call back into the pool)."""
     for fut, kind, value in done:
         try:
-            if kind is Kind.OK:
+            if value is None and kind is None:
+                fut.cancel()
+            elif kind is Kind.OK:
                 try:
                     result = _serialize.load_result(value)
                 except Exception as exc:  # noqa: BLE001
@@ -435,6 +230,42 @@ else:  # pragma: no cover
     atexit.register(_python_exit)
 
 
+class NSFuture(Future[T]):
+    """The future ``NSPoolExecutor`` returns: a stdlib ``Future`` plus :meth:`kill`."""
+
+    _nspool: tuple[_Engine, Task] | None = None
+
+    def kill(self, timeout: float | None = 10.0) -> bool:
+        """Hard-cancel: stop this task even if it is running.
+
+        A queued task is cancelled (as by ``cancel()``). A running task's worker is killed
+        together with its whole PID namespace (every process the task started), the future
+        fails with ``CancelledError``, and the pool replaces the worker; with ``timeout``, this
+        waits until that is done. Returns False if the task had already finished.
+        """
+        if self._nspool is None or self.done():
+            return False
+        engine, task = self._nspool
+        with engine.lock:
+            if self.done():
+                return False
+            how = engine.kill_task(task, CancelledError("the task was killed by Future.kill()"))
+            if how == "dequeued" and not task.started:
+                settle: list[Completion] = [(self, None, None)]
+            elif how == "dequeued":
+                settle = [(self, None, task.fail_with)]
+            else:
+                settle = []
+        _complete(settle)
+        if (
+            how == "killing"
+            and timeout is not None
+            and threading.current_thread() is not (engine.thread)
+        ):
+            wait([self], timeout)
+        return how != "done"
+
+
 def _process_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
     return [fn(*args) for args in chunk]
 
@@ -455,6 +286,10 @@ class NSPoolExecutor(Executor):
         preload: modules imported once in the launcher so that workers start warm.
         kill_leftovers: kill what a task left running (daemons, un-waited ``Popen``) as soon as
             the task ends. With False, such processes live until their worker exits.
+        task_timeout: a deadline in seconds for every task, counted from when a worker starts
+            it; a task past it is killed with its whole process tree and its future fails with
+            ``TaskTimeoutError`` (a ``TimeoutError``). ``schedule(..., timeout=)`` sets one per
+            task.
         start_timeout: seconds to wait for the launcher to come up.
     """
 
@@ -468,6 +303,7 @@ class NSPoolExecutor(Executor):
         max_tasks_per_child: int | None = None,
         preload: Iterable[str] = (),
         kill_leftovers: bool = True,
+        task_timeout: float | None = None,
         start_timeout: float = 60.0,
     ) -> None:
         if max_workers is None:
@@ -488,6 +324,9 @@ class NSPoolExecutor(Executor):
                 raise TaskPicklingError(
                     f"cannot pickle the initializer or its arguments: {exc}"
                 ) from exc
+        if task_timeout is not None and task_timeout <= 0:
+            raise ValueError("task_timeout must be None or > 0")
+        self._task_timeout = task_timeout
         self._max_workers = max_workers
         config = LaunchConfig(preload=tuple(preload), kill_leftovers=kill_leftovers)
         self._engine = _Engine(
@@ -507,20 +346,37 @@ class NSPoolExecutor(Executor):
             return [w.pid for w in self._engine.core.workers.values() if w.pid]
 
     # -- Executor API -------------------------------------------------------------------------
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> NSFuture[T]:
         """Schedule ``fn(*args, **kwargs)``; an unpicklable call fails only its own future."""
+        return self.schedule(fn, args, kwargs, timeout=self._task_timeout)
+
+    def schedule(
+        self,
+        fn: Callable[..., T],
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> NSFuture[T]:
+        """Like :meth:`submit`, with a deadline: once a worker starts the task, it may run
+        ``timeout`` seconds; then it is killed with every process it started and the future
+        fails with ``TaskTimeoutError``."""
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be None or > 0")
         engine = self._engine
         with engine.lock:
             engine.check_open()
-        fut: Future[T] = Future()
+        fut: NSFuture[T] = NSFuture()
         try:
-            payload = _serialize.dump_task(fn, args, kwargs)
+            payload = _serialize.dump_task(fn, tuple(args), kwargs or {})
         except TaskPicklingError as exc:
             fut.set_exception(exc)
             return fut
+        task = Task(next(engine.task_ids), payload, fut, timeout=timeout)
+        fut._nspool = (engine, task)
         with engine.lock:
             engine.check_open()
-            engine.enqueue(Task(next(engine.task_ids), payload, fut))
+            engine.enqueue(task)
         return fut
 
     def map(  # type: ignore[override]
