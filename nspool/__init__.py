@@ -12,18 +12,21 @@ from .errors import (
     NamespaceError,
     PoolInitializerError,
     TaskPicklingError,
+    TaskTimeoutError,
     TaskUnpicklingError,
     WorkerDiedError,
 )
-from .executor import NSPoolExecutor
+from .executor import NSFuture, NSPoolExecutor
 
 __all__ = [
     "BrokenProcessPool",
     "LauncherDiedError",
+    "NSFuture",
     "NSPoolExecutor",
     "NamespaceError",
     "PoolInitializerError",
     "TaskPicklingError",
+    "TaskTimeoutError",
     "TaskUnpicklingError",
     "WorkerDiedError",
 ]

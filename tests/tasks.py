@@ -193,3 +193,12 @@ def exhaust_memory_in_cgroup(cgroup_dir: str) -> None:
     while True:
         hog.append(bytearray(8 * 1024 * 1024))
         hog[-1][::4096] = b"x" * len(hog[-1][::4096])  # touch every page
+
+
+def spawn_daemon_then_sleep(pid_file: str, seconds: float) -> None:
+    """Start a daemon (it must die with the task), write its PID to ``pid_file``, sleep."""
+    pid = spawn_daemon()
+    with open(pid_file + ".tmp", "w") as f:
+        f.write(str(pid))
+    os.rename(pid_file + ".tmp", pid_file)
+    time.sleep(seconds)

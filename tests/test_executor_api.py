@@ -318,3 +318,78 @@ def test_namespace_refusal_raises_a_clear_error(tmp_path) -> None:  # type: igno
     assert out.returncode == 0, out.stderr
     assert "ERRNO 28" in out.stdout  # ENOSPC
     assert "max_pid_namespaces" in out.stdout and "sysctl" in out.stdout
+
+
+# -- hard cancel and deadlines ----------------------------------------------------------------
+
+
+def test_future_kill_stops_a_running_task_and_its_tree() -> None:
+    from _procs import descendants, wait_for, wait_gone
+
+    with NSPoolExecutor(2, kill_leftovers=False) as pool:
+        tree = pool.submit(tasks.spawn_tree, 5).result()
+        victim = pool.submit(tasks.sleep_forever)
+        assert wait_for(victim.running, 10)
+        assert wait_for(lambda: len(pool.worker_pids()) >= 1, 10)
+        tree_before = set(descendants())
+        assert set(tree) <= tree_before
+        assert victim.kill() is True
+        with pytest.raises(CancelledError):
+            victim.result(timeout=1)
+        assert wait_gone(tree, 1.0) == set()
+        assert pool.submit(tasks.square, 8).result(timeout=30) == 64
+        assert victim.kill() is False  # already done
+
+
+def test_future_kill_of_a_queued_task_cancels_it() -> None:
+    with NSPoolExecutor(1) as pool:
+        gate = pool.submit(time.sleep, 0.3)
+        queued = pool.submit(tasks.square, 2)
+        assert queued.kill() is True
+        assert queued.cancelled()
+        assert gate.result() is None
+
+
+def test_task_timeout_kills_the_task_tree_and_the_pool_keeps_serving(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from _procs import alive, wait_for, wait_gone
+
+    from nspool import TaskTimeoutError
+
+    pid_file = str(tmp_path / "daemon.pid")
+    with NSPoolExecutor(2) as pool:
+        slow = pool.schedule(tasks.spawn_daemon_then_sleep, (pid_file, 60), timeout=1.0)
+        fast = pool.schedule(tasks.square, (3,), timeout=5)
+        assert wait_for(lambda: os.path.exists(pid_file), 10)
+        with open(pid_file) as f:
+            daemon = int(f.read())
+        assert alive(daemon)
+        exc = slow.exception(timeout=10)
+        assert isinstance(exc, TaskTimeoutError) and isinstance(exc, TimeoutError)
+        assert "1 s deadline" in str(exc)
+        assert wait_gone([daemon], 1.0) == set()
+        assert fast.result() == 9
+        assert pool.submit(tasks.square, 4).result() == 16
+
+
+def test_executor_wide_task_timeout() -> None:
+    from nspool import TaskTimeoutError
+
+    with pytest.raises(ValueError):
+        NSPoolExecutor(1, task_timeout=0)
+    with NSPoolExecutor(1, task_timeout=0.2) as pool:
+        assert isinstance(pool.submit(time.sleep, 30).exception(timeout=10), TaskTimeoutError)
+        assert pool.submit(tasks.square, 5).result() == 25
+
+
+def test_a_killed_task_queued_behind_another_in_a_worker_never_blocks_the_rest() -> None:
+    """With fast tasks, several wait in one worker's pipe; killing one of them stops it when
+    it starts and the tasks behind it still complete."""
+    with NSPoolExecutor(1) as pool:
+        assert sum(pool.map(tasks.square, range(3000))) > 0  # fast: batching is on
+        fs = [pool.submit(tasks.square, i) for i in range(200)]
+        victim = pool.submit(tasks.sleep_forever)
+        rest = [pool.submit(tasks.square, i) for i in range(200)]
+        victim.kill()
+        assert [f.result(timeout=30) for f in fs + rest] == [i * i for i in range(200)] * 2
+        with pytest.raises(CancelledError):
+            victim.result(timeout=10)
