@@ -19,6 +19,10 @@ from .errors import (
 from .executor import NSFuture, NSPoolExecutor
 
 __all__ = [
+    "AsyncPool",
+    "current_default_pool_limiter",
+    "open_pool",
+    "run_sync",
     "BrokenProcessPool",
     "LauncherDiedError",
     "NSFuture",
@@ -31,3 +35,14 @@ __all__ = [
     "WorkerDiedError",
 ]
 __version__ = "0.1.0"
+
+_ASYNC_NAMES = ("AsyncPool", "current_default_pool_limiter", "open_pool", "run_sync")
+
+
+def __getattr__(name: str) -> object:
+    # The async front imports anyio; load it only for those who use it.
+    if name in _ASYNC_NAMES:
+        from . import aio
+
+        return getattr(aio, name)
+    raise AttributeError(f"module 'nspool' has no attribute {name!r}")

@@ -165,19 +165,19 @@ class Launcher:
             return describe_wait_status(-status & 0x7F)[2]
         return f"exited with code {status}"
 
-    def close(self, kill: bool = False) -> None:
-        """Stop the launcher and wait until it and everything under it is gone.
+    def close(self, kill: bool = False, wait: bool = True) -> None:
+        """Stop the launcher and (with ``wait``) wait until it and everything under it is gone.
 
         Closing the control socket makes the fork server exit; it is PID 1 of the pool
         namespace, so the kernel kills every worker, and the outer launcher exits after it.
         """
-        if self.closed:
-            return
-        self.closed = True
-        self.sock.close()
-        if kill:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
-        self.proc.wait()
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+            if kill:
+                try:
+                    self.proc.kill()
+                except ProcessLookupError:
+                    pass
+        if wait:
+            self.proc.wait()

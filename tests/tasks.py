@@ -202,3 +202,14 @@ def spawn_daemon_then_sleep(pid_file: str, seconds: float) -> None:
         f.write(str(pid))
     os.rename(pid_file + ".tmp", pid_file)
     time.sleep(seconds)
+
+
+def sleep_then_square(seconds: float, x: int) -> int:
+    time.sleep(seconds)
+    return x * x
+
+
+def sleep_then_touch(seconds: float, path: str) -> None:
+    time.sleep(seconds)
+    with open(path, "w") as f:
+        f.write("done")

@@ -305,19 +305,6 @@ def test_subprocess_in_a_task_keeps_its_exit_code() -> None:
         assert ex.submit(tasks.subprocess_exit_code, 0).result() == 0
 
 
-def test_run_in_executor_works_with_asyncio() -> None:
-    import asyncio
-
-    async def main(ex: NSPoolExecutor) -> list[int]:
-        loop = asyncio.get_running_loop()
-        return list(
-            await asyncio.gather(*(loop.run_in_executor(ex, tasks.square, i) for i in range(8)))
-        )
-
-    with NSPoolExecutor(2) as ex:
-        assert asyncio.run(main(ex)) == [i * i for i in range(8)]
-
-
 def test_future_is_a_stdlib_future() -> None:
     with NSPoolExecutor(1) as ex:
         f = ex.submit(tasks.square, 5)

@@ -1,0 +1,347 @@
+"""The async front, over anyio (asyncio and trio): ``open_pool`` and ``run_sync``.
+
+It drives the same pool core and fd plumbing as ``NSPoolExecutor`` but waits on the worker
+pipes in the event loop itself (``anyio.wait_readable``), with no helper thread. Cancelling a
+call (``task.cancel()``, a cancel scope, ``fail_after``, a failing task group) kills the
+worker running it, with its whole PID namespace, and the pool replaces the worker.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import anyio
+import anyio.lowlevel
+import sniffio
+
+from . import _serialize
+from ._driver import Completion, Conn, PoolDriver
+from ._launch import LaunchConfig, Launcher
+from ._pool import PoolCore, Task
+from ._protocol import Kind
+from .errors import BrokenProcessPool, TaskPicklingError
+
+__all__ = ["AsyncPool", "current_default_pool_limiter", "open_pool", "run_sync"]
+
+T = TypeVar("T")
+
+#: idle workers of the default pool exit after this many seconds (as anyio.to_process)
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+class _Waiter:
+    """One call's rendezvous: set by the fd readers, read by the awaiting caller."""
+
+    __slots__ = ("event", "kind", "value")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.kind: Kind | None = None
+        self.value: Any = None
+
+    def outcome(self) -> Any:
+        if self.kind is Kind.OK:
+            return _serialize.load_result(self.value)
+        if self.kind is Kind.ERR:
+            raise _serialize.load_error(self.value)
+        raise self.value
+
+
+class _CallCancelled(Exception):
+    """Stands in for the caller's cancellation inside the pool (nobody sees it)."""
+
+
+def _settle(done: list[Completion]) -> None:
+    for waiter, kind, value in done:
+        if kind is None and value is None:
+            value = BrokenProcessPool("the pool was closed before the call ran")
+        waiter.kind, waiter.value = kind, value
+        waiter.event.set()
+
+
+class _AsyncEngine(PoolDriver):
+    def __init__(
+        self,
+        core: PoolCore,
+        launcher: Launcher,
+        init_payload: bytes | None,
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        super().__init__(core, launcher, init_payload)
+        self.tg = tg
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _watch_result(self, conn: Conn) -> None:
+        self.tg.start_soon(self._reader, conn)
+
+    def _want_write(self, conn: Conn) -> None:
+        conn.writing = True
+        self.tg.start_soon(self._writer, conn)
+
+    def _release_fd(self, fd: int) -> None:
+        anyio.notify_closing(fd)  # wakes a reader or writer waiting on it
+
+    # -- tasks ---------------------------------------------------------------------------------
+    def kick(self) -> None:
+        """Schedule, start workers and stop doomed tasks, then settle what finished."""
+        done: list[Completion] = []
+        self.step(done)
+        _settle(done)
+
+    async def _reader(self, conn: Conn) -> None:
+        fd = conn.result_fd
+        while conn.result_fd == fd:
+            try:
+                await anyio.wait_readable(fd)
+            except anyio.ClosedResourceError:
+                return
+            if conn.result_fd != fd:
+                return  # closed by another task between the wake-up and now
+            done: list[Completion] = []
+            self.on_readable(conn, done)
+            self.step(done)
+            _settle(done)
+
+    async def _writer(self, conn: Conn) -> None:
+        fd = conn.task_fd
+        try:
+            while conn.out and conn.task_fd == fd:
+                try:
+                    await anyio.wait_writable(fd)
+                except anyio.ClosedResourceError:
+                    return
+                if conn.task_fd != fd:
+                    return
+                self.flush(conn)
+        finally:
+            conn.writing = False
+            if conn.task_fd == fd and fd >= 0:
+                self.flush(conn)  # closes the pipe if the worker is being retired
+
+    async def control(self) -> None:
+        while not self.launcher.closed:
+            try:
+                await anyio.wait_readable(self.launcher.fileno())
+            except anyio.ClosedResourceError:
+                return
+            done: list[Completion] = []
+            self.on_control(done)
+            self.step(done)
+            _settle(done)
+            if self.broken is not None:
+                return
+
+    async def reap_idle(self, idle_timeout: float) -> None:
+        while True:
+            await anyio.sleep(max(idle_timeout / 4, 0.05))
+            self.close_idle(idle_timeout)
+
+    async def aclose(self) -> None:
+        """Fail what is left, close every pipe, and wait until every process is gone."""
+        self.shutdown_requested = True
+        done: list[Completion] = []
+        for task in self.core.drain_all():
+            done.append((task.handle, None, BrokenProcessPool("the pool was closed")))
+        _settle(done)
+        self.close_all_fds()
+        if not self.launcher.closed:
+            anyio.notify_closing(self.launcher.fileno())
+            self.launcher.close(wait=False)
+        # The fork server exits on EOF and the kernel kills its namespace; poll the outer
+        # launcher's exit without blocking the event loop (no thread needed).
+        while self.launcher.proc.poll() is None:
+            await anyio.sleep(0.002)
+
+
+class AsyncPool:
+    """A pool for async code; get one from :func:`open_pool`."""
+
+    def __init__(self, engine: _AsyncEngine) -> None:
+        self._engine = engine
+
+    @property
+    def launcher_pid(self) -> int:
+        """PID of the launcher process (killing it kills every worker)."""
+        return self._engine.launcher.pid
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the workers that are up now."""
+        return [w.pid for w in self._engine.core.workers.values() if w.pid]
+
+    async def run(self, fn: Callable[..., T], *args: Any, cancellable: bool = True) -> T:
+        """Run ``fn(*args)`` in a worker and return its result.
+
+        If the awaiting task is cancelled, the worker running the call is killed together with
+        every process the call started, and the cancellation propagates once they are gone.
+        With ``cancellable=False`` the call is shielded: it runs to completion, returns its
+        result, and the cancellation takes effect at the caller's next checkpoint.
+        """
+        engine = self._engine
+        engine.check_open()
+        payload = _serialize.dump_task(fn, args, {})
+        waiter = _Waiter()
+        task = Task(next(engine.task_ids), payload, waiter)
+        engine.core.submit(task)
+        engine.kick()
+        try:
+            if cancellable:
+                await waiter.event.wait()
+            else:
+                with anyio.CancelScope(shield=True):
+                    await waiter.event.wait()
+        except BaseException:
+            if not waiter.event.is_set():
+                how = engine.kill_task(task, _CallCancelled())
+                if how == "killing":
+                    # Propagate the cancellation only once the worker's tree is gone.
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                        await waiter.event.wait()
+            raise
+        return waiter.outcome()  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        """Close the pool now: pending calls fail, every process is gone on return."""
+        with anyio.CancelScope(shield=True):
+            await self._engine.aclose()
+
+
+@asynccontextmanager
+async def open_pool(
+    max_workers: int | None = None,
+    *,
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[Any, ...] = (),
+    max_tasks_per_child: int | None = None,
+    preload: Iterable[str] = (),
+    kill_leftovers: bool = True,
+    idle_timeout: float | None = None,
+    start_timeout: float = 60.0,
+) -> AsyncIterator[AsyncPool]:
+    """Open a pool for async code (asyncio or trio, through anyio).
+
+    The keywords mean what they mean for :class:`nspool.NSPoolExecutor`; ``idle_timeout``
+    lets workers idle that long exit (they are started again on demand). On exit every
+    process of the pool and of its tasks is gone.
+    """
+    if max_workers is None:
+        max_workers = getattr(os, "process_cpu_count", os.cpu_count)() or 1
+    init_payload = None
+    if initializer is not None:
+        try:
+            init_payload = _serialize.dumps((initializer, tuple(initargs)))
+        except Exception as exc:
+            raise TaskPicklingError(f"cannot pickle the initializer: {exc}") from exc
+    core = PoolCore(max_workers, max_tasks_per_child=max_tasks_per_child)
+    config = LaunchConfig(preload=tuple(preload), kill_leftovers=kill_leftovers)
+    # The launcher handshake blocks for a few tens of ms: do it off the event loop.
+    launcher = await anyio.to_thread.run_sync(Launcher, config, start_timeout)
+    body_exc: BaseException | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            engine = _AsyncEngine(core, launcher, init_payload, tg)
+            tg.start_soon(engine.control)
+            if idle_timeout is not None:
+                tg.start_soon(engine.reap_idle, idle_timeout)
+            pool = AsyncPool(engine)
+            try:
+                yield pool
+            except BaseException as exc:  # noqa: BLE001
+                # Re-raised below, outside the task group, so that the caller sees its own
+                # exception rather than an ExceptionGroup wrapping it.
+                body_exc = exc
+            finally:
+                await pool.aclose()
+                tg.cancel_scope.cancel()
+        if body_exc is not None:
+            raise body_exc
+    finally:
+        launcher.close(wait=False)
+        if launcher.proc.poll() is None:
+            with anyio.CancelScope(shield=True):
+                while launcher.proc.poll() is None:
+                    await anyio.sleep(0.002)
+
+
+# -- the default pool ------------------------------------------------------------------------
+
+
+class _DefaultPool:
+    def __init__(self) -> None:
+        self.ready = anyio.Event()
+        self.pool: AsyncPool | None = None
+        self.error: BaseException | None = None
+        self.task: Any = None  # keeps asyncio's task referenced
+
+
+_default_pool: anyio.lowlevel.RunVar[_DefaultPool] = anyio.lowlevel.RunVar("nspool_default_pool")
+_default_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
+    "nspool_default_limiter"
+)
+
+
+def current_default_pool_limiter() -> anyio.CapacityLimiter:
+    """The capacity limiter of :func:`run_sync` (default: one token per CPU)."""
+    try:
+        return _default_limiter.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(getattr(os, "process_cpu_count", os.cpu_count)() or 1)
+        _default_limiter.set(limiter)
+        return limiter
+
+
+async def _default_pool_lifetime(state: _DefaultPool) -> None:
+    try:
+        async with open_pool(idle_timeout=DEFAULT_IDLE_TIMEOUT) as pool:
+            state.pool = pool
+            state.ready.set()
+            await anyio.sleep_forever()
+    except anyio.get_cancelled_exc_class():
+        raise  # the event loop is ending: the pool is closed by now
+    except BaseException as exc:  # noqa: BLE001 - reported to every caller, not lost
+        state.error = exc
+        state.ready.set()
+
+
+def _start_lifetime(state: _DefaultPool) -> None:
+    # The default pool must live as long as the event loop, not as long as the first caller:
+    # it runs in a task of its own that the loop cancels when it ends.
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        trio.lowlevel.spawn_system_task(_default_pool_lifetime, state, name="nspool default pool")
+    else:
+        import asyncio
+
+        state.task = asyncio.get_running_loop().create_task(
+            _default_pool_lifetime(state), name="nspool default pool"
+        )
+
+
+async def run_sync(
+    fn: Callable[..., T],
+    *args: Any,
+    cancellable: bool = True,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> T:
+    """Run ``fn(*args)`` in the event loop's default pool (like ``anyio.to_process.run_sync``).
+
+    The pool starts on first use, closes idle workers after ``DEFAULT_IDLE_TIMEOUT`` seconds
+    and is shut down when the event loop ends. Concurrency is bounded by ``limiter`` (default:
+    :func:`current_default_pool_limiter`). Cancellation works as for :meth:`AsyncPool.run`.
+    """
+    try:
+        state = _default_pool.get()
+    except LookupError:
+        state = _DefaultPool()
+        _default_pool.set(state)
+        _start_lifetime(state)
+    await state.ready.wait()
+    if state.pool is None:  # it could not start (e.g. NamespaceError): say why, every time
+        raise BrokenProcessPool(
+            f"the default nspool pool could not start: {state.error!r}"
+        ) from state.error
+    async with limiter or current_default_pool_limiter():
+        return await state.pool.run(fn, *args, cancellable=cancellable)

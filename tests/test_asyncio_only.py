@@ -1,0 +1,47 @@
+"""asyncio-only behaviour, run with pytest-asyncio: run_in_executor and task.cancel()."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+import tasks
+from _procs import wait_gone
+
+import nspool
+from nspool import NSPoolExecutor
+
+
+@pytest.mark.asyncio
+async def test_run_in_executor_works() -> None:
+    with NSPoolExecutor(2) as ex:
+        loop = asyncio.get_running_loop()
+        got = await asyncio.gather(*(loop.run_in_executor(ex, tasks.square, i) for i in range(8)))
+        assert list(got) == [i * i for i in range(8)]
+
+
+@pytest.mark.asyncio
+async def test_task_cancel_kills_the_calls_tree(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pid_file = str(tmp_path / "daemon.pid")
+    async with nspool.open_pool(max_workers=2) as pool:
+        call = asyncio.ensure_future(pool.run(tasks.spawn_daemon_then_sleep, pid_file, 60))
+        deadline = asyncio.get_running_loop().time() + 10
+        while not os.path.exists(pid_file):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.005)
+        with open(pid_file) as f:
+            daemon = int(f.read())
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert wait_gone([daemon], 1.0) == set()
+        assert await pool.run(tasks.square, 6) == 36
+
+
+@pytest.mark.asyncio
+async def test_wait_for_timeout_kills_the_call() -> None:
+    async with nspool.open_pool(max_workers=1) as pool:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pool.run(tasks.sleep_forever), 0.2)
+        assert await pool.run(tasks.square, 3) == 9
