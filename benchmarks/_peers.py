@@ -22,7 +22,7 @@ from concurrent.futures import Executor, Future
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from ._tasks import noop
 
@@ -157,29 +157,36 @@ async def _wrapped(make: Callable[[int], SyncPool], workers: int) -> AsyncIterat
         pool.close()
 
 
+@asynccontextmanager
+async def _nspool_open_pool(workers: int) -> AsyncIterator[RunSync]:
+    import nspool
+
+    async with cast(Any, nspool).open_pool(max_workers=workers) as pool:
+        yield getattr(pool, "run", None) or pool.run_sync
+
+
+@asynccontextmanager
+async def _nspool_run_sync(workers: int) -> AsyncIterator[RunSync]:
+    # The event loop's default pool (like anyio.to_process): it ends with the loop.
+    import anyio
+
+    import nspool
+
+    yield partial(cast(Any, nspool).run_sync, limiter=anyio.CapacityLimiter(workers))
+
+
 def _nspool_aio(kind: str, backend: str) -> AsyncPeer:
-    """nspool's own async front. ASSUMED API (adjust here once it lands):
-    ``async with nspool.open_pool(max_workers=n) as pool: await pool.run_sync(fn, *args)``
-    and a module-level ``await nspool.run_sync(fn, *args)`` on a default pool."""
+    """nspool's own async front: ``async with nspool.open_pool(max_workers=n) as pool:
+    await pool.run(fn, *args)``, and ``await nspool.run_sync(fn, *args)``."""
     import nspool
 
     name = f"nspool.{kind} ({backend})"
-    if not hasattr(nspool, kind):
-        return AsyncPeer(name, backend, _anyio_to_process, missing=f"nspool.{kind} not there yet")
+    missing = None if hasattr(nspool, kind) else f"nspool.{kind} not there yet"
+    if backend == "trio":
+        missing = missing or _need("trio")
     if kind == "open_pool":
-
-        @asynccontextmanager
-        async def open_(workers: int) -> AsyncIterator[RunSync]:
-            async with nspool.open_pool(max_workers=workers) as pool:  # type: ignore[attr-defined]
-                yield pool.run_sync
-
-        return AsyncPeer(name, backend, open_)
-
-    @asynccontextmanager
-    async def default(workers: int) -> AsyncIterator[RunSync]:
-        yield nspool.run_sync  # type: ignore[attr-defined]
-
-    return AsyncPeer(name, backend, default, closes=False)
+        return AsyncPeer(name, backend, _nspool_open_pool, missing=missing)
+    return AsyncPeer(name, backend, _nspool_run_sync, closes=False, missing=missing)
 
 
 def async_peers() -> list[AsyncPeer]:
@@ -188,6 +195,7 @@ def async_peers() -> list[AsyncPeer]:
         _nspool_aio("open_pool", "asyncio"),
         _nspool_aio("open_pool", "trio"),
         _nspool_aio("run_sync", "asyncio"),
+        _nspool_aio("run_sync", "trio"),
         AsyncPeer("nspool + wrap_future (asyncio)", "asyncio", partial(_wrapped, _nspool)),
         AsyncPeer(
             "PPE forkserver + wrap_future (asyncio)",

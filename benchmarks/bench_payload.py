@@ -11,7 +11,7 @@ from ._tasks import echo
 
 KiB, MiB = 1 << 10, 1 << 20
 # (size, calls per repeat, repeats): fewer of both for the big sizes
-FULL = [(KiB, 200, 5), (64 * KiB, 100, 5), (MiB, 20, 5), (16 * MiB, 4, 3), (64 * MiB, 2, 3)]
+FULL = [(KiB, 300, 7), (64 * KiB, 200, 7), (MiB, 40, 7), (16 * MiB, 6, 5), (64 * MiB, 3, 5)]
 QUICK = [(KiB, 5, 1), (MiB, 2, 1)]
 
 
@@ -74,11 +74,14 @@ BENCH = Bench(
     about=(
         "A warm pool of 2 workers runs `echo(data)` one call at a time, `data` being `bytes` of "
         "1 KiB, 64 KiB, 1 MiB, 16 MiB and 64 MiB (so that much travels each way). A repeat's "
-        "figure is the median call in ms (lower is better); per repeat 200/100/20/4/2 calls, "
-        "and 5/5/5/3/3 repeats. The plot shows the effective rate, 2 × size / median time."
+        "figure is the median call in ms (lower is better); per repeat "
+        + "/".join(str(c) for _, c, _ in FULL)
+        + " calls, and "
+        + "/".join(str(r) for _, _, r in FULL)
+        + " repeats. The plot shows the effective rate, 2 × size / median time."
     ),
     metrics=_metrics,
-    repeats=(5, 1),
+    repeats=(max(r for _, _, r in FULL), 1),
     sync=sync,
     aio=aio,
     plot="payload",

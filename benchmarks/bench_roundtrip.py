@@ -44,7 +44,7 @@ BENCH = Bench(
         "repeat's figure is the median call, in µs (lower is better)."
     ),
     metrics=lambda cfg, kind: [Metric(KEY, "µs")],
-    repeats=(7, 1),
+    repeats=(11, 1),
     sync=sync,
     aio=aio,
 )

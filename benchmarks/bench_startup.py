@@ -101,7 +101,7 @@ COLD = Bench(
         "figure. ms, lower is better."
     ),
     metrics=lambda cfg, kind: [Metric(FIRST, "ms"), Metric(CLOSE, "ms")],
-    repeats=(7, 1),
+    repeats=(15, 1),
     sync=cold_sync,
     aio=cold_aio,
     prime=True,
@@ -118,7 +118,7 @@ RESPAWN = Bench(
         "what their users must do. ms, lower is better."
     ),
     metrics=lambda cfg, kind: [Metric(SEEN, "ms"), Metric(NEXT, "ms")],
-    repeats=(5, 1),
+    repeats=(9, 1),
     sync=respawn_sync,
     aio=respawn_aio,
     prime=True,

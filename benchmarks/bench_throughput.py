@@ -72,7 +72,7 @@ BENCH = Bench(
         "2 workers). Figures are tasks per second over the whole batch (higher is better)."
     ),
     metrics=lambda cfg, kind: _metrics(cfg) if kind == "sync" else [_async_metric(cfg)],
-    repeats=(5, 1),
+    repeats=(7, 1),
     sync=sync,
     aio=aio,
 )

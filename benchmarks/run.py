@@ -110,6 +110,29 @@ def run_bench(bench: Bench, cfg: Config, log: Callable[[str], None]) -> BenchRes
     return BenchResult(bench, tables, time.monotonic() - started)
 
 
+def _nspool_source() -> str:
+    """Where nspool was imported from, and its git revision (or $NSPOOL_BENCH_REV)."""
+    import os
+    import subprocess
+
+    import nspool
+
+    where = os.path.dirname(os.path.dirname(os.path.abspath(nspool.__file__)))
+    rev = os.environ.get("NSPOOL_BENCH_REV", "")
+    if not rev:
+        try:
+            rev = subprocess.run(
+                ["git", "-C", where, "describe", "--always", "--dirty"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            rev = "unknown revision"
+    return f"{where} ({rev})"
+
+
 def _meta(
     cfg: Config,
     argv: Sequence[str],
@@ -135,7 +158,8 @@ def _meta(
             versions.append(f"{dist} (missing)")
     return {
         "date": started.strftime("%Y-%m-%d %H:%M"),
-        "command": "python -m benchmarks.run " + " ".join(argv),
+        "command": " ".join(["python -m benchmarks.run", *argv]),
+        "nspool source": _nspool_source(),
         "mode": "quick (smoke test: tiny counts, 1 repeat)" if cfg.quick else "full",
         "machine": f"{os.cpu_count()} CPUs, {cpu}; Linux {platform.release()}",
         "python": platform.python_version(),

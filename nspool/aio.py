@@ -8,6 +8,7 @@ worker running it, with its whole PID namespace, and the pool replaces the worke
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -72,16 +73,34 @@ class _AsyncEngine(PoolDriver):
     ) -> None:
         super().__init__(core, launcher, init_payload)
         self.tg = tg
+        # On asyncio, a reader callback registered once per pipe is much cheaper than a task
+        # that registers and unregisters the fd around every wait (anyio.wait_readable).
+        self.loop: asyncio.AbstractEventLoop | None = None
+        if sniffio.current_async_library() == "asyncio":
+            self.loop = asyncio.get_running_loop()
 
     # -- hooks ------------------------------------------------------------------------------------
     def _watch_result(self, conn: Conn) -> None:
-        self.tg.start_soon(self._reader, conn)
+        if self.loop is not None:
+            self.loop.add_reader(conn.result_fd, self._on_readable_cb, conn)
+        else:
+            self.tg.start_soon(self._reader, conn)
+
+    def _on_readable_cb(self, conn: Conn) -> None:
+        if conn.result_fd < 0:
+            return
+        done: list[Completion] = []
+        self.on_readable(conn, done)
+        self.step(done)
+        _settle(done)
 
     def _want_write(self, conn: Conn) -> None:
         conn.writing = True
         self.tg.start_soon(self._writer, conn)
 
     def _release_fd(self, fd: int) -> None:
+        if self.loop is not None:
+            self.loop.remove_reader(fd)
         anyio.notify_closing(fd)  # wakes a reader or writer waiting on it
 
     # -- tasks ---------------------------------------------------------------------------------
