@@ -30,6 +30,7 @@ _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class LaunchConfig:
     preload: tuple[str, ...] = ()
     kill_leftovers: bool = True
+    private_proc: bool = False
     sys_path: list[str] = field(default_factory=lambda: list(sys.path))
 
 
@@ -70,6 +71,7 @@ class Launcher:
         payload = {
             "preload": list(config.preload),
             "kill_leftovers": config.kill_leftovers,
+            "private_proc": config.private_proc,
             "sys_path": config.sys_path,
         }
         try:

@@ -236,6 +236,7 @@ async def open_pool(
     max_tasks_per_child: int | None = None,
     preload: Iterable[str] = (),
     kill_leftovers: bool = True,
+    private_proc: bool = False,
     idle_timeout: float | None = None,
     start_timeout: float = 60.0,
 ) -> AsyncIterator[AsyncPool]:
@@ -254,7 +255,9 @@ async def open_pool(
         except Exception as exc:
             raise TaskPicklingError(f"cannot pickle the initializer: {exc}") from exc
     core = PoolCore(max_workers, max_tasks_per_child=max_tasks_per_child)
-    config = LaunchConfig(preload=tuple(preload), kill_leftovers=kill_leftovers)
+    config = LaunchConfig(
+        preload=tuple(preload), kill_leftovers=kill_leftovers, private_proc=private_proc
+    )
     # The launcher handshake blocks for a few tens of ms: do it off the event loop.
     launcher = await anyio.to_thread.run_sync(Launcher, config, start_timeout)
     body_exc: BaseException | None = None

@@ -286,6 +286,8 @@ class NSPoolExecutor(Executor):
         preload: modules imported once in the launcher so that workers start warm.
         kill_leftovers: kill what a task left running (daemons, un-waited ``Popen``) as soon as
             the task ends. With False, such processes live until their worker exits.
+        private_proc: give each worker its own mount namespace and a /proc that shows only
+            its own PID namespace (``ps`` and ``psutil`` in a task see only the task's tree).
         task_timeout: a deadline in seconds for every task, counted from when a worker starts
             it; a task past it is killed with its whole process tree and its future fails with
             ``TaskTimeoutError`` (a ``TimeoutError``). ``schedule(..., timeout=)`` sets one per
@@ -303,6 +305,7 @@ class NSPoolExecutor(Executor):
         max_tasks_per_child: int | None = None,
         preload: Iterable[str] = (),
         kill_leftovers: bool = True,
+        private_proc: bool = False,
         task_timeout: float | None = None,
         start_timeout: float = 60.0,
     ) -> None:
@@ -328,7 +331,9 @@ class NSPoolExecutor(Executor):
             raise ValueError("task_timeout must be None or > 0")
         self._task_timeout = task_timeout
         self._max_workers = max_workers
-        config = LaunchConfig(preload=tuple(preload), kill_leftovers=kill_leftovers)
+        config = LaunchConfig(
+            preload=tuple(preload), kill_leftovers=kill_leftovers, private_proc=private_proc
+        )
         self._engine = _Engine(
             max_workers, max_tasks_per_child, init_payload, config, start_timeout
         )

@@ -213,3 +213,18 @@ def sleep_then_touch(seconds: float, path: str) -> None:
     time.sleep(seconds)
     with open(path, "w") as f:
         f.write("done")
+
+
+def proc_view() -> tuple[list[int], list[int]]:
+    """PIDs visible in /proc, alone and with one child running."""
+    alone = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    child = subprocess.Popen(["sleep", "1000"])
+    with_child = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    child.kill()
+    child.wait()
+    return alone, with_child
+
+
+def write_file(path: str) -> None:
+    with open(path, "w") as f:
+        f.write("x")

@@ -207,3 +207,9 @@ async def test_many_cancellations_do_not_break_the_pool() -> None:
             with anyio.move_on_after(0.05):
                 await pool.run(time.sleep, 10)
         assert await pool.run(tasks.square, 11) == 121
+
+
+async def test_private_proc_in_the_async_front() -> None:
+    async with nspool.open_pool(max_workers=1, private_proc=True) as pool:
+        alone, with_child = await pool.run(tasks.proc_view)
+        assert (alone, with_child) == ([1], [1, 2])

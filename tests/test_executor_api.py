@@ -393,3 +393,25 @@ def test_a_killed_task_queued_behind_another_in_a_worker_never_blocks_the_rest()
         assert [f.result(timeout=30) for f in fs + rest] == [i * i for i in range(200)] * 2
         with pytest.raises(CancelledError):
             victim.result(timeout=10)
+
+
+# -- private /proc and ownership --------------------------------------------------------------
+
+
+def test_private_proc_shows_only_the_workers_own_tree() -> None:
+    with NSPoolExecutor(1, private_proc=True) as pool:
+        alone, with_child = pool.submit(tasks.proc_view).result()
+        assert alone == [1]
+        assert with_child == [1, 2]
+        assert len(pool.worker_pids()) == 1 and pool.worker_pids()[0] != 1  # host PID known
+    with NSPoolExecutor(1) as pool:
+        alone, _ = pool.submit(tasks.proc_view).result()
+        assert len(alone) > 1  # without the option, the host /proc shows
+
+
+def test_files_a_task_writes_belong_to_the_caller(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "out")
+    with NSPoolExecutor(1) as pool:
+        pool.submit(tasks.write_file, path).result()
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())

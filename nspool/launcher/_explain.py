@@ -64,3 +64,14 @@ def explain_unshare_error(exc: OSError, user_ns: bool) -> str:
         tips.append("The user namespace nesting limit (32) is reached.")
     tips.append(f"(uid {os.geteuid()}; run `python -m nspool doctor` for a full report.)")
     return head + " " + " ".join(tips)
+
+
+def explain_private_proc(err: str) -> str:
+    """Why ``private_proc=True`` cannot work here, and what to do."""
+    return (
+        f"nspool cannot give workers a private /proc: {err}. Mounting proc needs a mount "
+        "namespace and a /proc that is fully visible: in a container whose /proc has masked "
+        "or read-only sub-mounts (Docker's default), the kernel refuses a new proc mount to "
+        "an unprivileged user namespace. Fix: run without private_proc, or as root, or start "
+        "the container with an unmasked /proc (e.g. --security-opt systempaths=unconfined)."
+    )

@@ -8,6 +8,7 @@ catchable signal. Being PID 1, its exit makes the kernel kill every worker and d
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import select
@@ -19,13 +20,15 @@ from typing import NoReturn
 
 from .._protocol import Control, Ctl, ProtocolError, decode_control, encode_control
 from . import _syscalls
+from ._explain import explain_private_proc
+from ._worker import WorkerOptions, mount_private_proc
 
 
 class ForkServer:
-    def __init__(self, ctrl: socket.socket, lifeline: int, kill_leftovers: bool) -> None:
+    def __init__(self, ctrl: socket.socket, lifeline: int, options: WorkerOptions) -> None:
         self.ctrl = ctrl
         self.lifeline = lifeline
-        self.kill_leftovers = kill_leftovers
+        self.options = options
         self.pids: dict[int, int] = {}  # pid (in the pool namespace) -> worker id
         self.wids: dict[int, int] = {}  # worker id -> pid
         # Our own PID namespace, to return to after each unshare (see DESIGN.md section 2).
@@ -80,6 +83,32 @@ class ForkServer:
                 except ProcessLookupError:
                     pass
 
+    def fork_pid1(self) -> int:
+        """Fork a child that is PID 1 of a new PID namespace (returns 0 in the child)."""
+        _syscalls.unshare(_syscalls.CLONE_NEWPID)
+        pid = os.fork()
+        if pid:
+            # Back to our own namespace for children, or the next unshare fails (EINVAL).
+            _syscalls.setns(self.own_pidns, _syscalls.CLONE_NEWPID)
+        return pid
+
+    def probe_private_proc(self) -> str | None:
+        """Try a private /proc in a throwaway child; the error text, or None if it works."""
+        r, w = os.pipe()
+        pid = self.fork_pid1()
+        if pid == 0:
+            os.close(r)
+            try:
+                mount_private_proc()
+            except OSError as exc:
+                os.write(w, str(exc).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            err = f.read().decode(errors="replace")
+        os.waitpid(pid, 0)
+        return err or None
+
     def spawn(self, wid: int, fds: list[int]) -> None:
         if len(fds) != 2:
             for fd in fds:
@@ -88,8 +117,7 @@ class ForkServer:
             return
         task_fd, result_fd = fds
         try:
-            _syscalls.unshare(_syscalls.CLONE_NEWPID)
-            pid = os.fork()
+            pid = self.fork_pid1()
         except OSError as exc:
             os.close(task_fd)
             os.close(result_fd)
@@ -97,7 +125,6 @@ class ForkServer:
             return
         if pid == 0:
             self._become_worker(task_fd, result_fd)
-        _syscalls.setns(self.own_pidns, _syscalls.CLONE_NEWPID)
         os.close(task_fd)
         os.close(result_fd)
         self.pids[pid] = wid
@@ -116,7 +143,7 @@ class ForkServer:
             _syscalls.set_process_name("nspool-worker")
             from . import _worker
 
-            _worker.main(task_fd, result_fd, self.kill_leftovers)
+            _worker.main(task_fd, result_fd, self.options)
         finally:
             os._exit(70)
 
@@ -166,7 +193,16 @@ def run(ctrl: socket.socket, lifeline: int, config: dict[str, object]) -> NoRetu
                     )
                 )
                 os._exit(1)
-        server = ForkServer(ctrl, lifeline, bool(config.get("kill_leftovers", True)))
+        options = WorkerOptions(
+            kill_leftovers=bool(config.get("kill_leftovers", True)),
+            private_proc=bool(config.get("private_proc", False)),
+        )
+        server = ForkServer(ctrl, lifeline, options)
+        if options.private_proc:
+            err = server.probe_private_proc()
+            if err is not None:
+                server.send(Control(Ctl.ERROR, 0, errno.EPERM, explain_private_proc(err)))
+                os._exit(1)
         server.send(Control(Ctl.HELLO, 0, int(os.readlink("/proc/self"))))
         server.serve()
     except BaseException:  # noqa: BLE001

@@ -12,11 +12,29 @@ import os
 import signal
 import sys
 import traceback
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from .. import _serialize
 from .._protocol import Frame, FrameDecoder, Kind, encode_header
 from ..errors import TaskPicklingError, TaskUnpicklingError
+from . import _syscalls
+
+
+class WorkerOptions(NamedTuple):
+    #: kill what a task leaves running as soon as it returns
+    kill_leftovers: bool = True
+    #: give the worker its own mount namespace with a /proc that shows only its namespace
+    private_proc: bool = False
+
+
+def mount_private_proc() -> None:
+    """Give this process (PID 1 of a fresh PID namespace) a /proc of its own namespace."""
+    _syscalls.unshare(_syscalls.CLONE_NEWNS)
+    # Without rprivate, the new /proc would propagate back to the host's mount table.
+    _syscalls.mount("none", "/", None, _syscalls.MS_REC | _syscalls.MS_PRIVATE)
+    _syscalls.mount(
+        "proc", "/proc", "proc", _syscalls.MS_NOSUID | _syscalls.MS_NODEV | _syscalls.MS_NOEXEC
+    )
 
 
 def _write_all(fd: int, bufs: list[bytes | bytearray | memoryview]) -> None:
@@ -94,9 +112,17 @@ def _run_task(frame: Frame) -> tuple[Kind, bytes]:
         return Kind.ERR, _serialize.dump_error(perr)
 
 
-def _serve(task_fd: int, result_fd: int, kill_leftovers: bool) -> int:
-    # The program sees our PID in the host /proc, which is still mounted here.
+def _serve(task_fd: int, result_fd: int, options: WorkerOptions) -> int:
+    kill_leftovers = options.kill_leftovers
+    # The program knows us by our PID in the host /proc: read it before a private one hides it.
     host_pid = int(os.readlink("/proc/self"))
+    if options.private_proc:
+        try:
+            mount_private_proc()
+        except OSError as exc:
+            msg = f"cannot mount a private /proc in the worker: {exc}".encode()
+            _write_all(result_fd, [encode_header(Kind.INIT_FAILED, 0, len(msg)), msg])
+            return 1
     _write_all(result_fd, [encode_header(Kind.READY, host_pid, 0)])
     decoder = FrameDecoder()
     while True:
@@ -130,12 +156,12 @@ def _serve(task_fd: int, result_fd: int, kill_leftovers: bool) -> int:
             raise RuntimeError(f"worker got an unexpected {frame.kind.name} frame")
 
 
-def main(task_fd: int, result_fd: int, kill_leftovers: bool) -> NoReturn:
+def main(task_fd: int, result_fd: int, options: WorkerOptions) -> NoReturn:
     """Run the worker loop, then exit without running the launcher's atexit handlers."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     code = 70
     try:
-        code = _serve(task_fd, result_fd, kill_leftovers)
+        code = _serve(task_fd, result_fd, options)
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
     finally:
