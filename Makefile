@@ -1,26 +1,44 @@
-# Everything runs from a virtual environment this Makefile creates (.venv by default).
+# Everything runs from virtual environments this Makefile creates.
+#   make demo   set up and run the demo
+#   make test   set up and run lint + the whole suite on the oldest and newest supported
+#               Python (3.10 and 3.13), then again as an unprivileged user
 PYTHON ?= python3
-VENV ?= .venv
-BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# pyenv's interpreters (their shims answer only for the selected version, so use the paths)
+PY_OLDEST ?= $(or $(lastword $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3.10)),$(shell command -v python3.10))
+PY_NEWEST ?= $(or $(lastword $(wildcard $(HOME)/.pyenv/versions/3.13.*/bin/python3.13)),$(shell command -v python3.13))
 
-.PHONY: demo test lint bench bench-quick clean
+.PHONY: demo test lint test-oldest test-newest test-unprivileged bench bench-quick clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+.venv/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv
+	.venv/bin/python -m pip install --quiet --upgrade pip
+	.venv/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
 
-demo: $(STAMP)
-	$(BIN)/python -m nspool demo
+.venv-%/.installed: pyproject.toml
+	@test -n "$(PY_$(*))" || { echo "no Python for $*: install it (pyenv) or set PY_$*=/path/to/python"; exit 1; }
+	$(PY_$(*)) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install --quiet --upgrade pip
+	.venv-$*/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
 
-lint: $(STAMP)
-	$(BIN)/ruff check nspool tests
-	$(BIN)/mypy
+demo: .venv/.installed
+	.venv/bin/python -m nspool demo
 
-test: lint
-	$(BIN)/python -m pytest
+lint: .venv-NEWEST/.installed
+	.venv-NEWEST/bin/ruff check nspool tests
+	.venv-NEWEST/bin/mypy
+
+test-oldest: .venv-OLDEST/.installed
+	.venv-OLDEST/bin/python -m pytest
+
+test-newest: .venv-NEWEST/.installed
+	.venv-NEWEST/bin/python -m pytest
+
+test-unprivileged:
+	bash scripts/test-unprivileged.sh
+
+test: lint test-oldest test-newest test-unprivileged
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv .venv-* .pytest_cache .mypy_cache .ruff_cache

@@ -3,8 +3,10 @@ so that ``except BrokenProcessPool`` in code written for ``ProcessPoolExecutor``
 
 from __future__ import annotations
 
+import concurrent.futures as _futures
 import pickle
 import signal
+import sys
 from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
@@ -47,7 +49,14 @@ class PoolInitializerError(BrokenProcessPool):
     """The pool's ``initializer`` raised in a worker: the pool is broken, as in the stdlib."""
 
 
-class TaskTimeoutError(TimeoutError):
+# On 3.10 concurrent.futures has its own TimeoutError; be both, so either `except` catches it.
+if sys.version_info >= (3, 11):
+    _TimeoutBases: tuple[type[Exception], ...] = (TimeoutError,)
+else:
+    _TimeoutBases = (_futures.TimeoutError, TimeoutError)
+
+
+class TaskTimeoutError(*_TimeoutBases):  # type: ignore[misc]
     """A task ran past its deadline; its worker and every process it started were killed."""
 
 

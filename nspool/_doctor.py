@@ -1,0 +1,120 @@
+"""``python -m nspool doctor``: what this machine allows, tried live, and how to fix it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+
+_PROBE = """
+import sys
+from nspool.launcher import _syscalls as s
+try:
+    s.unshare({flags})
+except OSError as e:
+    print(e.errno, e.strerror)
+    sys.exit(1)
+"""
+
+
+def _sysctl(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return "(not present)"
+
+
+def _probe(flags: str) -> str | None:
+    """Try an unshare in a fresh single-threaded interpreter; None if it worked."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(flags=flags)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if out.returncode == 0:
+        return None
+    return (out.stdout or out.stderr).strip() or f"exit code {out.returncode}"
+
+
+def _worker_pid() -> int:
+    return os.getpid()
+
+
+def _try_pool(private_proc: bool = False) -> tuple[str | None, float]:
+    """Start a real pool and run one task; (error text or None, seconds taken)."""
+    from . import NSPoolExecutor
+
+    t0 = time.perf_counter()
+    try:
+        with NSPoolExecutor(1, private_proc=private_proc) as ex:
+            pid = ex.submit(_worker_pid).result(timeout=60)
+    except Exception as exc:  # noqa: BLE001 - the doctor reports every failure
+        return f"{type(exc).__name__}: {exc}", time.perf_counter() - t0
+    if pid != 1:
+        return f"the worker is PID {pid}, not PID 1", time.perf_counter() - t0
+    return None, time.perf_counter() - t0
+
+
+def main() -> int:
+    from .launcher._syscalls import SYSCALL_PATH
+
+    root = os.geteuid() == 0
+    lines: list[tuple[str, str]] = [
+        ("kernel", f"{platform.system()} {platform.release()} {platform.machine()}"),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("syscall path", SYSCALL_PATH),
+        (
+            "user",
+            f"uid {os.geteuid()} "
+            + (
+                "(root): the pool uses a PID namespace"
+                if root
+                else "(unprivileged): the pool uses a user + PID namespace"
+            ),
+        ),
+        ("user.max_user_namespaces", _sysctl("/proc/sys/user/max_user_namespaces")),
+        ("user.max_pid_namespaces", _sysctl("/proc/sys/user/max_pid_namespaces")),
+        (
+            "kernel.apparmor_restrict_unprivileged_userns",
+            _sysctl("/proc/sys/kernel/apparmor_restrict_unprivileged_userns"),
+        ),
+        ("kernel.unprivileged_userns_clone", _sysctl("/proc/sys/kernel/unprivileged_userns_clone")),
+    ]
+    from .launcher._syscalls import CLONE_NEWPID, CLONE_NEWUSER
+
+    userns = _probe(str(CLONE_NEWUSER))
+    pidns = _probe(str(CLONE_NEWPID | (0 if root else CLONE_NEWUSER)))
+    lines.append(("live: user namespace", "ok" if userns is None else f"FAILED ({userns})"))
+    lines.append(("live: PID namespace", "ok" if pidns is None else f"FAILED ({pidns})"))
+    pool_err, took = _try_pool()
+    lines.append(
+        (
+            "live: pool, task as PID 1",
+            f"ok ({took * 1e3:.0f} ms)" if pool_err is None else f"FAILED\n    {pool_err}",
+        )
+    )
+    proc_err = None
+    if pool_err is None:
+        proc_err, took = _try_pool(private_proc=True)
+        lines.append(
+            (
+                "live: private /proc",
+                f"ok ({took * 1e3:.0f} ms)"
+                if proc_err is None
+                else f"not available\n    {proc_err}",
+            )
+        )
+    width = max(len(k) for k, _ in lines)
+    print("nspool doctor")
+    for key, value in lines:
+        print(f"  {key.ljust(width)}  {value}")
+    if pool_err is None:
+        extra = "" if proc_err is None else " (without private_proc)"
+        print(f"verdict: nspool works here{extra}.")
+        return 0
+    print("verdict: nspool cannot run here. The error above says why and how to fix it.")
+    return 1

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Run the test suite as an unprivileged user (uid 65534), the way most users run nspool.
+# /root and pyenv's interpreters are not readable by that user, so the sources are copied to a
+# world-readable temporary folder and the system interpreter gets a virtual environment there.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+if [ "$(id -u)" != 0 ]; then
+  echo "test-unprivileged: already unprivileged (uid $(id -u)); the main test run covers this."
+  exit 0
+fi
+python=${UNPRIV_PYTHON:-/usr/bin/python3}
+uid=${UNPRIV_UID:-65534}
+dir=$(mktemp -d /tmp/nspool-unpriv.XXXXXX)
+trap 'rm -rf "$dir"' EXIT
+(cd "$here" && git ls-files -z --cached --others --exclude-standard \
+  | xargs -0 -I{} sh -c 'test -e "{}" && cp --parents "{}" "'"$dir"'"')
+"$python" -m venv "$dir/.venv"
+"$dir/.venv/bin/python" -m pip install --quiet --upgrade pip
+"$dir/.venv/bin/python" -m pip install --quiet -e "$dir[test]"
+mkdir -p "$dir/home"
+chown "$uid" "$dir/home"
+chmod -R a+rX "$dir"
+chmod a+rx "$dir"
+echo "== nspool doctor as uid $uid =="
+setpriv --reuid="$uid" --regid="$uid" --clear-groups \
+  env HOME="$dir/home" "$dir/.venv/bin/python" -m nspool doctor
+echo "== test suite as uid $uid =="
+cd "$dir"
+setpriv --reuid="$uid" --regid="$uid" --clear-groups \
+  env HOME="$dir/home" PYTHONDONTWRITEBYTECODE=1 \
+  "$dir/.venv/bin/python" -m pytest -p no:cacheprovider --basetemp="$dir/home/tmp" "$@"

@@ -1,0 +1,70 @@
+"""``python -m nspool doctor``: its report, and its failure path with namespaces switched off."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+# Switches namespaces off for one process tree without touching the machine: inside a
+# throwaway user namespace, the namespace limits under /proc/sys/user are that namespace's own.
+_NO_NAMESPACES = """
+import os, sys
+from nspool.launcher import _syscalls as s
+uid, gid = os.geteuid(), os.getegid()
+s.unshare(s.CLONE_NEWUSER)
+open('/proc/self/setgroups', 'w').write('deny')
+open('/proc/self/uid_map', 'w').write(f'{uid} {uid} 1')
+open('/proc/self/gid_map', 'w').write(f'{gid} {gid} 1')
+for limit in ('max_user_namespaces', 'max_pid_namespaces'):
+    open(f'/proc/sys/user/{limit}', 'w').write('0')
+os.execv(sys.executable, [sys.executable, '-m', 'nspool', *sys.argv[1:]])
+"""
+
+
+def test_doctor_reports_a_working_machine() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "nspool", "doctor"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    for needle in (
+        "kernel",
+        "syscall path",
+        "user.max_user_namespaces",
+        "apparmor_restrict_unprivileged_userns",
+        "live: user namespace",
+        "live: PID namespace",
+        "live: pool, task as PID 1                     ok",
+        "live: private /proc",
+        "verdict: nspool works here",
+    ):
+        assert needle in out.stdout, out.stdout
+
+
+def test_doctor_fails_with_the_remedy_when_namespaces_are_off() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_NAMESPACES, "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "live: PID namespace" in out.stdout and "FAILED" in out.stdout
+    assert "NamespaceError" in out.stdout
+    assert "sysctl user.max_user_namespaces=15000" in out.stdout  # the exact remedy
+    assert "verdict: nspool cannot run here" in out.stdout
+
+
+def test_the_constructor_raises_namespace_error_when_namespaces_are_off() -> None:
+    script = _NO_NAMESPACES.replace(
+        "os.execv(sys.executable, [sys.executable, '-m', 'nspool', *sys.argv[1:]])",
+        "from nspool import NSPoolExecutor, NamespaceError\n"
+        "try:\n"
+        "    NSPoolExecutor(1)\n"
+        "except NamespaceError as e:\n"
+        "    print('ERRNO', e.errno)\n"
+        "    print(e)\n",
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "ERRNO 28" in out.stdout  # ENOSPC: a namespace limit
+    assert "namespace" in out.stdout and "sysctl" in out.stdout
