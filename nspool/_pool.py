@@ -264,7 +264,10 @@ class PoolCore:
         actions = Actions()
         queue = self.queue
         if queue:
-            ready = [w for w in self.workers.values() if w.state is WState.READY]
+            # A worker being killed gets nothing more: it would only be requeued.
+            ready = [
+                w for w in self.workers.values() if w.state is WState.READY and not w.killing
+            ]
             if ready:
                 cap = self.depth()
                 batches: dict[int, list[Task]] = {}
