@@ -22,8 +22,10 @@ NAN = float("nan")
 
 @contextmanager
 def no_gc() -> Iterator[None]:
-    """Keep the cyclic GC out of a timed section (as ``timeit`` does)."""
+    """Keep the cyclic GC out of a timed section (as ``timeit`` does), after a full collection
+    so that garbage left by an earlier measurement is not carried into this one."""
     was = gc.isenabled()
+    gc.collect()
     gc.disable()
     try:
         yield

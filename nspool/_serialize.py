@@ -23,6 +23,15 @@ def dumps(obj: Any) -> bytes:
 loads = pickle.loads
 
 
+def dumps_result(obj: Any) -> bytes:
+    """Pickle a task's result: the C pickler first (several times faster for plain data),
+    cloudpickle when the result needs pickling by value (a lambda, a local class...)."""
+    try:
+        return pickle.dumps(obj, protocol=PROTOCOL)
+    except Exception:  # noqa: BLE001 - cloudpickle gets the last word
+        return dumps(obj)
+
+
 def _culprit(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """Find which part of a task does not pickle (only run on the failure path)."""
     parts: list[tuple[str, Any]] = [("the function", fn)]

@@ -48,6 +48,18 @@ def test_lambdas_closures_and_main_functions_travel_by_value(ex: NSPoolExecutor)
     assert ex.submit(inner, 3, b=4).result() == 12
 
 
+def test_results_that_only_cloudpickle_can_carry(ex: NSPoolExecutor) -> None:
+    def make() -> object:
+        class Local:
+            def __init__(self) -> None:
+                self.v = 3
+
+        return Local(), (lambda: 5)
+
+    obj, fn = ex.submit(make).result()
+    assert obj.v == 3 and fn() == 5
+
+
 def test_map_orders_results_and_supports_chunksize(ex: NSPoolExecutor) -> None:
     expected = [i * i for i in range(100)]
     assert list(ex.map(tasks.square, range(100))) == expected

@@ -103,7 +103,7 @@ def _run_task(frame: Frame) -> tuple[Kind, bytes]:
     finally:
         del fn, args, kwargs
     try:
-        return Kind.OK, _serialize.dumps(result)
+        return Kind.OK, _serialize.dumps_result(result)
     except BaseException as exc:  # noqa: BLE001
         perr = TaskPicklingError(
             f"the task's result of type {type(result).__name__} could not be pickled: "
