@@ -9,12 +9,18 @@ That keeps every scheduling rule testable without a process.
 from __future__ import annotations
 
 import enum
+import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import TaskTimeoutError
+
+
+def default_max_workers() -> int:
+    """The stdlib's default: the CPUs this process may use."""
+    return max(getattr(os, "process_cpu_count", os.cpu_count)() or 1, 1)
 
 
 class WState(enum.Enum):
@@ -265,9 +271,7 @@ class PoolCore:
         queue = self.queue
         if queue:
             # A worker being killed gets nothing more: it would only be requeued.
-            ready = [
-                w for w in self.workers.values() if w.state is WState.READY and not w.killing
-            ]
+            ready = [w for w in self.workers.values() if w.state is WState.READY and not w.killing]
             if ready:
                 cap = self.depth()
                 batches: dict[int, list[Task]] = {}

@@ -56,6 +56,20 @@ def dump_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
         ) from exc
 
 
+def dump_initializer(
+    initializer: Callable[..., object] | None, initargs: tuple[Any, ...]
+) -> bytes | None:
+    """Pickle a pool's initializer and its arguments (None when there is none)."""
+    if initializer is None:
+        return None
+    if not callable(initializer):
+        raise TypeError("initializer must be a callable")
+    try:
+        return dumps((initializer, tuple(initargs)))
+    except Exception as exc:
+        raise TaskPicklingError(f"cannot pickle the initializer or its arguments: {exc}") from exc
+
+
 def dump_error(exc: BaseException) -> bytes:
     """Pickle an exception raised by a task together with its traceback text.
 

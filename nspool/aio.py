@@ -9,7 +9,6 @@ worker running it, with its whole PID namespace, and the pool replaces the worke
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -21,9 +20,9 @@ import sniffio
 from . import _serialize
 from ._driver import Completion, Conn, PoolDriver
 from ._launch import LaunchConfig, Launcher
-from ._pool import PoolCore, Task
+from ._pool import PoolCore, Task, default_max_workers
 from ._protocol import Kind
-from .errors import BrokenProcessPool, TaskPicklingError
+from .errors import BrokenProcessPool
 
 __all__ = ["AsyncPool", "current_default_pool_limiter", "open_pool", "run_sync"]
 
@@ -247,13 +246,8 @@ async def open_pool(
     process of the pool and of its tasks is gone.
     """
     if max_workers is None:
-        max_workers = getattr(os, "process_cpu_count", os.cpu_count)() or 1
-    init_payload = None
-    if initializer is not None:
-        try:
-            init_payload = _serialize.dumps((initializer, tuple(initargs)))
-        except Exception as exc:
-            raise TaskPicklingError(f"cannot pickle the initializer: {exc}") from exc
+        max_workers = default_max_workers()
+    init_payload = _serialize.dump_initializer(initializer, initargs)
     core = PoolCore(max_workers, max_tasks_per_child=max_tasks_per_child)
     config = LaunchConfig(
         preload=tuple(preload), kill_leftovers=kill_leftovers, private_proc=private_proc
@@ -309,7 +303,7 @@ def current_default_pool_limiter() -> anyio.CapacityLimiter:
     try:
         return _default_limiter.get()
     except LookupError:
-        limiter = anyio.CapacityLimiter(getattr(os, "process_cpu_count", os.cpu_count)() or 1)
+        limiter = anyio.CapacityLimiter(default_max_workers())
         _default_limiter.set(limiter)
         return limiter
 

@@ -26,18 +26,13 @@ from typing import Any, TypeVar
 from . import _serialize
 from ._driver import Completion, Conn, PoolDriver
 from ._launch import LaunchConfig, Launcher
-from ._pool import PoolCore, Task
+from ._pool import PoolCore, Task, default_max_workers
 from ._protocol import Kind
 from .errors import BrokenProcessPool, LauncherDiedError, TaskPicklingError
 
 __all__ = ["NSPoolExecutor"]
 
 T = TypeVar("T")
-
-
-def _default_workers() -> int:
-    count = getattr(os, "process_cpu_count", os.cpu_count)() or 1
-    return max(count, 1)
 
 
 class _Engine(PoolDriver):
@@ -310,23 +305,14 @@ class NSPoolExecutor(Executor):
         start_timeout: float = 60.0,
     ) -> None:
         if max_workers is None:
-            max_workers = _default_workers()
+            max_workers = default_max_workers()
         elif max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if max_tasks_per_child is not None and (
             not isinstance(max_tasks_per_child, int) or max_tasks_per_child < 1
         ):
             raise ValueError("max_tasks_per_child must be >= 1")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
-        init_payload = None
-        if initializer is not None:
-            try:
-                init_payload = _serialize.dumps((initializer, tuple(initargs)))
-            except Exception as exc:
-                raise TaskPicklingError(
-                    f"cannot pickle the initializer or its arguments: {exc}"
-                ) from exc
+        init_payload = _serialize.dump_initializer(initializer, initargs)
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be None or > 0")
         self._task_timeout = task_timeout
