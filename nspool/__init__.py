@@ -6,23 +6,31 @@ the worker, the pool or the program (even after ``kill -9``).
 
 from __future__ import annotations
 
-from .errors import (
-    BrokenProcessPool,
-    LauncherDiedError,
-    NamespaceError,
-    PoolInitializerError,
-    TaskPicklingError,
-    TaskTimeoutError,
-    TaskUnpicklingError,
-    WorkerDiedError,
-)
-from .executor import NSFuture, NSPoolExecutor
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# Names are loaded on first use: the launcher imports this package too, and must start fast
+# (no concurrent.futures, multiprocessing or anyio in it).
+_LAZY = {
+    "NSPoolExecutor": "executor",
+    "NSFuture": "executor",
+    "AsyncPool": "aio",
+    "current_default_pool_limiter": "aio",
+    "open_pool": "aio",
+    "run_sync": "aio",
+    "BrokenProcessPool": "errors",
+    "LauncherDiedError": "errors",
+    "NamespaceError": "errors",
+    "PoolInitializerError": "errors",
+    "TaskPicklingError": "errors",
+    "TaskTimeoutError": "errors",
+    "TaskUnpicklingError": "errors",
+    "WorkerDiedError": "errors",
+}
 
 __all__ = [
     "AsyncPool",
-    "current_default_pool_limiter",
-    "open_pool",
-    "run_sync",
     "BrokenProcessPool",
     "LauncherDiedError",
     "NSFuture",
@@ -33,16 +41,36 @@ __all__ = [
     "TaskTimeoutError",
     "TaskUnpicklingError",
     "WorkerDiedError",
+    "current_default_pool_limiter",
+    "open_pool",
+    "run_sync",
 ]
-__version__ = "0.1.0"
 
-_ASYNC_NAMES = ("AsyncPool", "current_default_pool_limiter", "open_pool", "run_sync")
+if TYPE_CHECKING:
+    from .aio import AsyncPool, current_default_pool_limiter, open_pool, run_sync
+    from .errors import (
+        BrokenProcessPool,
+        LauncherDiedError,
+        NamespaceError,
+        PoolInitializerError,
+        TaskPicklingError,
+        TaskTimeoutError,
+        TaskUnpicklingError,
+        WorkerDiedError,
+    )
+    from .executor import NSFuture, NSPoolExecutor
 
 
 def __getattr__(name: str) -> object:
-    # The async front imports anyio; load it only for those who use it.
-    if name in _ASYNC_NAMES:
-        from . import aio
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nspool' has no attribute {name!r}")
+    import importlib
 
-        return getattr(aio, name)
-    raise AttributeError(f"module 'nspool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -10,7 +10,7 @@ from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
 
-from .errors import RemoteTraceback, TaskPicklingError, TaskUnpicklingError
+from ._task_errors import RemoteTraceback, TaskPicklingError, TaskUnpicklingError
 
 PROTOCOL = 5
 

@@ -4,10 +4,11 @@ so that ``except BrokenProcessPool`` in code written for ``ProcessPoolExecutor``
 from __future__ import annotations
 
 import concurrent.futures as _futures
-import pickle
 import signal
 import sys
 from concurrent.futures.process import BrokenProcessPool
+
+from ._task_errors import RemoteTraceback, TaskPicklingError, TaskUnpicklingError
 
 __all__ = [
     "BrokenProcessPool",
@@ -58,25 +59,6 @@ else:
 
 class TaskTimeoutError(*_TimeoutBases):  # type: ignore[misc]
     """A task ran past its deadline; its worker and every process it started were killed."""
-
-
-class TaskPicklingError(pickle.PicklingError):
-    """A task's function, argument, result or exception could not be pickled."""
-
-
-class TaskUnpicklingError(pickle.UnpicklingError):
-    """A task's result or exception could not be unpickled in the program."""
-
-
-class RemoteTraceback(Exception):
-    """Carries the worker-side traceback; attached as ``__cause__`` of a task's exception."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
 
 
 def describe_wait_status(status: int) -> tuple[int | None, int | None, str]:

@@ -228,7 +228,9 @@ else:  # pragma: no cover
 class NSFuture(Future[T]):
     """The future ``NSPoolExecutor`` returns: a stdlib ``Future`` plus :meth:`kill`."""
 
-    _nspool: tuple[_Engine, Task] | None = None
+    # A weak reference: the task refers to this future, and a strong one back would make a
+    # cycle that keeps every call's payload alive until the garbage collector runs.
+    _nspool: tuple[_Engine, weakref.ref[Task]] | None = None
 
     def kill(self, timeout: float | None = 10.0) -> bool:
         """Hard-cancel: stop this task even if it is running.
@@ -240,9 +242,10 @@ class NSFuture(Future[T]):
         """
         if self._nspool is None or self.done():
             return False
-        engine, task = self._nspool
+        engine, task_ref = self._nspool
         with engine.lock:
-            if self.done():
+            task = task_ref()
+            if task is None or self.done():
                 return False
             how = engine.kill_task(task, CancelledError("the task was killed by Future.kill()"))
             if how == "dequeued" and not task.started:
@@ -364,7 +367,7 @@ class NSPoolExecutor(Executor):
             fut.set_exception(exc)
             return fut
         task = Task(next(engine.task_ids), payload, fut, timeout=timeout)
-        fut._nspool = (engine, task)
+        fut._nspool = (engine, weakref.ref(task))
         with engine.lock:
             engine.check_open()
             engine.enqueue(task)

@@ -170,6 +170,20 @@ def test_big_payloads_both_ways(ex: NSPoolExecutor) -> None:
     del data, out
 
 
+def test_a_finished_call_keeps_nothing_alive(ex: NSPoolExecutor) -> None:
+    """No future <-> task cycle: a call's pickled arguments are freed when it finishes, not
+    when the garbage collector happens to run."""
+    import gc
+
+    gc.disable()
+    try:
+        f = ex.submit(tasks.echo, b"x" * 1000)
+        assert f.result() == b"x" * 1000
+        assert f._nspool is not None and f._nspool[1]() is None
+    finally:
+        gc.enable()
+
+
 def test_zz_module_pool_leaves_nothing(ex: NSPoolExecutor) -> None:
     from _procs import descendants
 

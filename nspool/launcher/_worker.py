@@ -16,7 +16,7 @@ from typing import NamedTuple, NoReturn
 
 from .. import _serialize
 from .._protocol import Frame, FrameDecoder, Kind, encode_header
-from ..errors import TaskPicklingError, TaskUnpicklingError
+from .._task_errors import TaskPicklingError, TaskUnpicklingError
 from . import _syscalls
 
 
