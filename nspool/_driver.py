@@ -113,9 +113,10 @@ class PoolDriver:
         if found is None:
             return "done"
         _, slot = found
-        task.fail_with = exc
         if slot is None:
+            task.fail_with = exc
             return "dequeued"
+        self.core.doom(task, exc)
         if slot.inflight[0] is task:
             slot.killing = True
             self.launcher.kill(slot.wid, signal.SIGKILL)

@@ -122,6 +122,8 @@ class PoolCore:
         self.avg_task_time: float | None = None
         self._next_wid = 1
         self._startup_failures = 0
+        #: tasks in the pool with a deadline or a pending kill: heads_to_kill has work only then
+        self.watched = 0
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -141,7 +143,21 @@ class PoolCore:
 
     # -- events -------------------------------------------------------------------------------
     def submit(self, task: Task) -> None:
+        if task.timeout is not None:
+            self.watched += 1
         self.queue.append(task)
+
+    def _leave(self, task: Task) -> Task:
+        """A task leaves the pool (answered, lost or drained)."""
+        if task.timeout is not None or task.fail_with is not None:
+            self.watched -= 1
+        return task
+
+    def doom(self, task: Task, exc: BaseException) -> None:
+        """Mark a task to be failed with ``exc`` (and its worker killed if it runs)."""
+        if task.timeout is None and task.fail_with is None:
+            self.watched += 1
+        task.fail_with = exc
 
     def on_ready(self, wid: int, pid: int, now: float) -> None:
         slot = self.workers[wid]
@@ -157,7 +173,7 @@ class PoolCore:
         if not slot.inflight or slot.inflight[0].id != task_id:
             expected = slot.inflight[0].id if slot.inflight else None
             raise RuntimeError(f"worker {wid} answered task {task_id}, expected {expected}")
-        task = slot.inflight.popleft()
+        task = self._leave(slot.inflight.popleft())
         took = max(now - slot.head_since, 0.0)
         avg = self.avg_task_time
         self.avg_task_time = took if avg is None else avg + 0.2 * (took - avg)
@@ -169,7 +185,7 @@ class PoolCore:
         slot = self.workers.pop(wid)
         during_startup = slot.state is WState.STARTING
         slot.state = WState.DEAD
-        lost = slot.inflight.popleft() if slot.inflight else None
+        lost = self._leave(slot.inflight.popleft()) if slot.inflight else None
         rest = list(slot.inflight)
         slot.inflight.clear()
         self.queue.extendleft(reversed(rest))
@@ -187,7 +203,7 @@ class PoolCore:
         for t in self.queue:
             if t.id == task_id:
                 self.queue.remove(t)
-                return t, None
+                return self._leave(t), None
         for w in self.workers.values():
             for t in w.inflight:
                 if t.id == task_id:
@@ -202,6 +218,8 @@ class PoolCore:
         it becomes that worker's head: the tasks behind it are requeued, not lost."""
         kill: list[WorkerSlot] = []
         next_due: float | None = None
+        if not self.watched:
+            return kill, next_due
         for w in self.workers.values():
             if not w.inflight or w.killing or w.state is WState.STARTING:
                 continue
@@ -234,7 +252,7 @@ class PoolCore:
 
     def drain_queue(self) -> list[Task]:
         """Remove and return every queued (not yet sent) task."""
-        tasks = list(self.queue)
+        tasks = [self._leave(t) for t in self.queue]
         self.queue.clear()
         return tasks
 
@@ -242,7 +260,7 @@ class PoolCore:
         """Remove and return every task, queued or in flight (the pool is going away)."""
         tasks = self.drain_queue()
         for w in self.workers.values():
-            tasks.extend(w.inflight)
+            tasks.extend(self._leave(t) for t in w.inflight)
             w.inflight.clear()
         return tasks
 
@@ -250,7 +268,7 @@ class PoolCore:
         """Remove and return queued tasks never handed to a worker (``cancel_futures``);
         tasks requeued after their worker died are already running and stay."""
         keep = [t for t in self.queue if t.started]
-        dropped = [t for t in self.queue if not t.started]
+        dropped = [self._leave(t) for t in self.queue if not t.started]
         self.queue.clear()
         self.queue.extend(keep)
         return dropped
@@ -262,6 +280,7 @@ class PoolCore:
             if task.started or self.claim(task):
                 task.started = True
                 return task
+            self._leave(task)
         return None
 
     # -- decisions ----------------------------------------------------------------------------
@@ -271,14 +290,21 @@ class PoolCore:
         queue = self.queue
         if queue:
             # A worker being killed gets nothing more: it would only be requeued.
-            ready = [w for w in self.workers.values() if w.state is WState.READY and not w.killing]
-            if ready:
-                cap = self.depth()
+            cap = self.depth()
+            room = [
+                w
+                for w in self.workers.values()
+                if w.state is WState.READY
+                and not w.killing
+                and len(w.inflight) < cap
+                and w.budget != 0
+            ]
+            if room:
                 batches: dict[int, list[Task]] = {}
                 # Fill level by level so tasks spread evenly over the workers.
-                level = 1
+                level = min(len(w.inflight) for w in room) + 1
                 while queue and level <= cap:
-                    for w in ready:
+                    for w in room:
                         if not queue:
                             break
                         if len(w.inflight) >= level or w.budget == 0:

@@ -77,10 +77,14 @@ class _Engine(PoolDriver):
     def enqueue(self, task: Task) -> None:
         """Queue a task and, when a worker has room, write it from this thread right away."""
         core = self.core
+        backlog = bool(core.queue)
         core.submit(task)
-        done: list[Completion] = []
-        self.step(done, spawn=False)
-        assert not done  # only spawning can fail the pool
+        if not backlog:
+            # With a backlog every worker is already full (the I/O thread hands out more as
+            # results arrive): queueing is all there is to do, so 20,000 submits stay O(1).
+            done: list[Completion] = []
+            self.step(done, spawn=False)
+            assert not done  # only spawning can fail the pool
         if (core.queue and len(core.workers) < core.max_workers) or task.timeout is not None:
             self.wake()  # the I/O thread starts workers and keeps the deadline clock
 
@@ -358,8 +362,7 @@ class NSPoolExecutor(Executor):
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be None or > 0")
         engine = self._engine
-        with engine.lock:
-            engine.check_open()
+        engine.check_open()  # early, unlocked: fail fast before pickling
         fut: NSFuture[T] = NSFuture()
         try:
             payload = _serialize.dump_task(fn, tuple(args), kwargs or {})

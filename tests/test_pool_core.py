@@ -825,3 +825,27 @@ def test_random_event_sequences_keep_invariants(seed: int, per_child: int | None
     # A task is sent again only after its worker died before starting it.
     for tid, n in sends.items():
         assert n == 1 + requeued.get(tid, 0)
+
+
+def test_watched_counts_only_tasks_with_deadlines_or_pending_kills() -> None:
+    core = PoolCore(1)
+    timed = Task(1, b"", timeout=5.0)
+    plain = Task(2, b"")
+    core.submit(timed)
+    core.submit(plain)
+    assert core.watched == 1
+    actions = core.schedule(0.0)
+    core.on_ready(actions.spawn[0].wid, 10, 0.0)
+    core.schedule(0.0)
+    wid = actions.spawn[0].wid
+    core.doom(plain, RuntimeError("killed"))
+    assert core.watched == 2
+    assert core.heads_to_kill(1.0) == ([], 5.0)  # the timed head is not due yet
+    core.on_result(wid, 1, 2.0)
+    assert core.watched == 1
+    core.schedule(2.0)
+    kill, _ = core.heads_to_kill(2.0)  # the doomed task is now the head
+    assert [w.wid for w in kill] == [wid]
+    core.on_exit(wid)
+    assert core.watched == 0
+    assert core.heads_to_kill(3.0) == ([], None)
