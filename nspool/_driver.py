@@ -10,6 +10,7 @@ import itertools
 import os
 import signal
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -23,6 +24,16 @@ from .errors import (
     WorkerDiedError,
     describe_wait_status,
 )
+
+_live_drivers: weakref.WeakSet[PoolDriver] = weakref.WeakSet()
+
+
+def _forget_pools_in_child() -> None:
+    for driver in list(_live_drivers):
+        driver.forget_in_child()
+
+
+os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 #: (the front's handle, OK/ERR with a payload to unpickle, or None with an exception)
 Completion = tuple[Any, "Kind | None", Any]
@@ -64,6 +75,20 @@ class PoolDriver:
         self.broken: BrokenProcessPool | None = None
         self.shutdown_requested = False
         self.task_ids = itertools.count(1)
+        _live_drivers.add(self)
+
+    def forget_in_child(self) -> None:
+        """In a child forked from the program: drop our copies of the pool's fds without a
+        word, so that the pool's life stays tied to the program that created it (the launcher
+        must see EOF when *that* program dies, not when its last forked child does)."""
+        for conn in self.conns.values():
+            for fd in (conn.task_fd, conn.result_fd):
+                if fd >= 0:
+                    os.close(fd)
+            conn.task_fd = conn.result_fd = -1
+        self.conns = {}
+        self.launcher.forget()
+        self.broken = BrokenProcessPool("this pool belongs to the parent process")
 
     # -- submitting -----------------------------------------------------------------------------
     def check_open(self) -> None:

@@ -167,6 +167,12 @@ class Launcher:
             return describe_wait_status(-status & 0x7F)[2]
         return f"exited with code {status}"
 
+    def forget(self) -> None:
+        """Drop this process's copy of the control socket (in a forked child)."""
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+
     def close(self, kill: bool = False, wait: bool = True) -> None:
         """Stop the launcher and (with ``wait``) wait until it and everything under it is gone.
 

@@ -95,6 +95,34 @@ def test_guarantee2_kill_9_of_the_owner_leaves_nothing_within_2s() -> None:
                 stream.close()
 
 
+def test_guarantee2_holds_when_a_forked_child_of_the_owner_lives_on() -> None:
+    """A child forked from the owner inherits its fds; the pool must still die with the owner,
+    not with the last process holding a copy of the control socket."""
+    owner = subprocess.Popen(
+        [sys.executable, OWNER, "forkchild"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    child = 0
+    try:
+        assert owner.stdout is not None
+        info = json.loads(owner.stdout.readline())
+        child = info["child"]
+        pids = [info["launcher"], *info["workers"], info["daemon"]]
+        assert all(alive(p) for p in pids)
+        owner.kill()
+        owner.wait()
+        assert wait_gone(pids, 2.0) == set()
+        assert alive(child)
+    finally:
+        owner.kill()
+        owner.wait()
+        if child:
+            os.kill(child, signal.SIGKILL)
+            wait_gone([child], 5.0)
+        for stream in (owner.stdin, owner.stdout):
+            if stream:
+                stream.close()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 @pytest.mark.parametrize("target", ["launcher", "forkserver"])
 def test_guarantee3_killing_the_launcher_kills_every_worker_and_descendant(

@@ -6,6 +6,7 @@ usage: owner.py MODE
   ctrlc    run long tasks and wait for them (the test sends SIGINT), printing PIDs first
   daemonic run a pool inside a daemonic multiprocessing process
   noshutdown  submit a task and exit without shutting the pool down
+  forkchild   like hold, but also fork a child that outlives the owner
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 
@@ -36,6 +38,18 @@ def hold() -> None:
         time.sleep(0.01)
     report(launcher=ex.launcher_pid, workers=ex.worker_pids(), tree=tree)
     sys.stdin.read()  # block until killed
+
+
+def forkchild() -> None:
+    ex = NSPoolExecutor(1, kill_leftovers=False)
+    daemon = ex.submit(tasks.spawn_daemon).result()
+    child = os.fork()
+    if child == 0:  # a forked child (as multiprocessing's fork start method makes) lives on
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(1000)
+        os._exit(0)
+    report(launcher=ex.launcher_pid, workers=ex.worker_pids(), daemon=daemon, child=child)
+    sys.stdin.read()
 
 
 def print_mode() -> None:
@@ -85,4 +99,5 @@ if __name__ == "__main__":
         "ctrlc": ctrlc,
         "daemonic": daemonic,
         "noshutdown": noshutdown,
+        "forkchild": forkchild,
     }[sys.argv[1]]()
