@@ -24,6 +24,12 @@ _F_SETPIPE_SZ = 1031
 #: pipe size asked for (the unprivileged maximum by default): fewer wake-ups for big payloads
 PIPE_SIZE = 1 << 20
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `python -m nspool.launcher`, made to find this very nspool even when it is not installed,
+# without putting its folder in front of the standard library (as PYTHONPATH would).
+_BOOTSTRAP = (
+    "import sys; sys.path.append({parent!r}); import runpy; "
+    "runpy.run_module('nspool.launcher', run_name='__main__', alter_sys=True)"
+)
 
 
 @dataclass
@@ -48,17 +54,17 @@ class Launcher:
 
     def __init__(self, config: LaunchConfig, start_timeout: float = 60.0) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p
-        )
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "nspool.launcher", str(theirs.fileno())],
+                [
+                    sys.executable,
+                    "-c",
+                    _BOOTSTRAP.format(parent=_PACKAGE_PARENT),
+                    str(theirs.fileno()),
+                ],
                 stdin=subprocess.PIPE,
                 pass_fds=(theirs.fileno(),),
                 start_new_session=True,
-                env=env,
             )
         except BaseException:
             mine.close()
