@@ -290,9 +290,10 @@ def test_interpreter_exit_without_shutdown_finishes_work_and_leaves_nothing() ->
     assert not alive(info["launcher"])
 
 
-def test_one_ctrl_c_stops_everything_cleanly() -> None:
+@pytest.mark.parametrize("mode", ["ctrlc", "ctrlc-bare"])
+def test_one_ctrl_c_stops_everything_cleanly(mode: str) -> None:
     owner = subprocess.Popen(
-        [sys.executable, OWNER, "ctrlc"],
+        [sys.executable, OWNER, mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

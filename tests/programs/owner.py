@@ -76,6 +76,16 @@ def noshutdown() -> None:
     # no shutdown: the interpreter's exit must finish the task and tear the pool down
 
 
+def ctrlc_bare() -> None:
+    ex = NSPoolExecutor(2)  # no `with`, no shutdown: the interpreter's exit must clean up
+    futures = [ex.submit(tasks.sleep_forever) for _ in range(2)]
+    while len(ex.worker_pids()) < 2:
+        time.sleep(0.01)
+    report(launcher=ex.launcher_pid, workers=ex.worker_pids())
+    for f in futures:
+        f.result()
+
+
 def _daemonic_child(q: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     with NSPoolExecutor(2) as ex:
         q.put(sorted(ex.map(tasks.square, range(5))))
@@ -100,4 +110,5 @@ if __name__ == "__main__":
         "daemonic": daemonic,
         "noshutdown": noshutdown,
         "forkchild": forkchild,
+        "ctrlc-bare": ctrlc_bare,
     }[sys.argv[1]]()
