@@ -4,8 +4,9 @@
 #               Python (3.10 and 3.13), then again as an unprivileged user
 PYTHON ?= python3
 # pyenv's interpreters (their shims answer only for the selected version, so use the paths)
-PY_OLDEST ?= $(or $(lastword $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3.10)),$(shell command -v python3.10))
-PY_NEWEST ?= $(or $(lastword $(wildcard $(HOME)/.pyenv/versions/3.13.*/bin/python3.13)),$(shell command -v python3.13))
+PYENV_ROOT ?= $(or $(shell pyenv root 2>/dev/null),$(HOME)/.pyenv)
+PY_OLDEST ?= $(or $(lastword $(wildcard $(PYENV_ROOT)/versions/3.10.*/bin/python3.10)),$(shell command -v python3.10))
+PY_NEWEST ?= $(or $(lastword $(wildcard $(PYENV_ROOT)/versions/3.13.*/bin/python3.13)),$(shell command -v python3.13))
 
 .PHONY: demo test lint test-oldest test-newest test-unprivileged bench bench-quick clean
 
