@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ._stats import Summary, fmt_num, fmt_ratio, fmt_summary, paired_ratios
 from ._suite import BenchResult, Metric, Table
@@ -12,7 +13,8 @@ from ._suite import BenchResult, Metric, Table
 RATIO_NOTE = (
     "Ratios are *nspool's advantage*: peer time / nspool time, or nspool rate / peer rate, "
     "computed per repeat from measurements of the same run (peers interleaved in every repeat), "
-    "shown as median [min–max]. Above 1: nspool is better."
+    "shown as median [min–max]. Above 1: nspool is better. Where a table compares with another "
+    "row (its ratio column says which), the ratio is that row's figure over the baseline's."
 )
 
 
@@ -36,7 +38,7 @@ def _grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def summary_lines(results: Sequence[BenchResult], kind: str) -> list[str]:
     """One row per figure, one column per peer: 'median (ratio×)'."""
-    tables = [(r, t) for r in results for t in r.tables if t.kind == kind]
+    tables = [(r, t) for r in results if r.bench.summary for t in r.tables if t.kind == kind]
     peers: list[str] = []
     for _, t in tables:
         peers += [p for p in t.values if p not in peers]
@@ -60,7 +62,7 @@ def summary_lines(results: Sequence[BenchResult], kind: str) -> list[str]:
 def table_lines(table: Table) -> list[str]:
     header = ["pool"]
     for m in table.metrics:
-        header += [f"{m.key} ({m.unit})", "nspool advantage"]
+        header += [f"{m.key} ({m.unit})", table.ratio_label]
     rows = []
     for peer, per_metric in table.values.items():
         cells = [peer]
@@ -108,6 +110,41 @@ def _color(peer: str) -> str:
     return "tab:red" if peer.startswith("nspool") else "tab:blue"
 
 
+BAR_COLUMNS = 3
+
+
+def _lines(plt: Any, title: str, tables: Sequence[Table]) -> Any:
+    """One panel per (table, series): each peer's median against ``Metric.x``, min–max bars."""
+    panels = [
+        (t, series, [m for m in t.metrics if m.series == series and m.x is not None])
+        for t in tables
+        for series in dict.fromkeys(m.series for m in t.metrics)
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (t, series, metrics) in zip(axes[0], panels, strict=True):
+        for i, (peer, per_metric) in enumerate(t.values.items()):
+            xs, ys, lo, hi = [], [], [], []
+            for m in metrics:
+                s = Summary.of(per_metric[m.key])
+                if s.n == 0 or m.x is None:
+                    continue
+                xs.append(m.x)
+                ys.append(s.median)
+                lo.append(s.median - s.lo)
+                hi.append(s.hi - s.median)
+            style = "-o" if peer.startswith("nspool") else ["--s", ":^", "-.v", "--D"][i % 4]
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, capsize=3, label=peer, ms=4)
+        unit = metrics[0].unit if metrics else ""
+        ax.set_xticks(sorted({m.x for m in metrics if m.x is not None}))
+        ax.set_xlabel("workers")
+        ax.set_ylabel(unit)
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{title}: {t.kind}, {series}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
 def _rate(size: int, ms: float) -> float:
     """MiB/s moved by an echo of ``size`` bytes (both ways) taking ``ms``."""
     return 2 * size / (ms / 1e3) / (1 << 20)
@@ -145,13 +182,21 @@ def plot(result: BenchResult, path: Path) -> bool:
             ax.set_title(f"{result.bench.title}: {t.kind} fronts", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
+    elif result.bench.plot == "lines":
+        fig = _lines(plt, result.bench.title, tables)
     else:
-        ncols = max(len(t.metrics) for t in tables)
+        # one row of panels per table, wrapped after BAR_COLUMNS metrics
+        rows = [
+            (t, list(t.metrics[i : i + BAR_COLUMNS]))
+            for t in tables
+            for i in range(0, len(t.metrics), BAR_COLUMNS)
+        ]
+        ncols = max(len(ms) for _, ms in rows)
         fig, axes = plt.subplots(
-            len(tables), ncols, figsize=(5.2 * ncols, 0.45 * 8 * len(tables) + 1), squeeze=False
+            len(rows), ncols, figsize=(5.2 * ncols, 0.45 * 8 * len(rows) + 1), squeeze=False
         )
-        for row, t in zip(axes, tables, strict=True):
-            for ax, m in zip(row, t.metrics, strict=False):
+        for row, (t, metrics) in zip(axes, rows, strict=True):
+            for ax, m in zip(row, metrics, strict=False):
                 peers = list(t.values)
                 sums = [Summary.of(t.values[p][m.key]) for p in peers]
                 med = [0.0 if math.isnan(s.median) else s.median for s in sums]
@@ -164,7 +209,7 @@ def plot(result: BenchResult, path: Path) -> bool:
                 ax.set_title(f"{t.kind}: {m.key} ({m.unit})", fontsize=9)
                 ax.tick_params(labelsize=7)
                 ax.grid(True, axis="x", alpha=0.3)
-            for ax in row[len(t.metrics) :]:
+            for ax in row[len(metrics) :]:
                 ax.axis("off")
         fig.suptitle(f"{result.bench.title} — median, bars: min–max over repeats", fontsize=10)
     fig.tight_layout()

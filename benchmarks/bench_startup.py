@@ -8,7 +8,9 @@ from ._peers import (
     AsyncPeer,
     SyncPeer,
     SyncPool,
+    _ExecutorPool,
     opened_async,
+    sync_peers,
     warm_up,
 )
 from ._stats import NAN, median, now_ns
@@ -89,6 +91,19 @@ async def respawn_aio(peer: AsyncPeer, cfg: Config, rep: int) -> Figures:
     return {SEEN: median(seen) / 1e6, NEXT: median(nxt) / 1e6}
 
 
+def _private_proc(workers: int) -> SyncPool:
+    from nspool import NSPoolExecutor
+
+    return _ExecutorPool(NSPoolExecutor(workers, private_proc=True))
+
+
+def _peers() -> list[SyncPeer]:
+    """The usual pools plus nspool with ``private_proc=True`` (a mount namespace and a /proc of
+    its own per worker) right after plain nspool, which stays the baseline."""
+    first, *rest = sync_peers()
+    return [first, SyncPeer("nspool, private_proc", _private_proc, True), *rest]
+
+
 COLD = Bench(
     name="coldstart",
     title="Cold start",
@@ -98,13 +113,15 @@ COLD = Bench(
         "context) takes. Each peer is primed once untimed first, so module imports and "
         "multiprocessing's per-program forkserver are not counted (nspool's launcher is per pool "
         "and always counted). anyio's workers stop with the event loop, so it has no shutdown "
-        "figure. ms, lower is better."
+        "figure. *nspool, private_proc*: `NSPoolExecutor(private_proc=True)` (each worker "
+        "gets a mount namespace and a /proc of its own). ms, lower is better."
     ),
     metrics=lambda cfg, kind: [Metric(FIRST, "ms"), Metric(CLOSE, "ms")],
     repeats=(15, 1),
     sync=cold_sync,
     aio=cold_aio,
     prime=True,
+    peers=_peers,
 )
 
 RESPAWN = Bench(
@@ -115,13 +132,14 @@ RESPAWN = Bench(
         "to the crash's exception; *next result*: then a `noop(None)` submitted to its result, "
         "i.e. the cost of replacing the dead worker. Pools that a dead worker breaks "
         "(ProcessPoolExecutor, loky) are shut down and rebuilt inside *next result*, which is "
-        "what their users must do. ms, lower is better."
+        "what their users must do. *nspool, private_proc* as in cold start. ms, lower is better."
     ),
     metrics=lambda cfg, kind: [Metric(SEEN, "ms"), Metric(NEXT, "ms")],
     repeats=(9, 1),
     sync=respawn_sync,
     aio=respawn_aio,
     prime=True,
+    peers=_peers,
     skip=lambda peer: (
         None
         if peer.survives_crash or isinstance(peer, SyncPeer)

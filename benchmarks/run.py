@@ -26,7 +26,17 @@ if TYPE_CHECKING:
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: modules named ``bench_*`` define ``BENCHES``; these run first, in this order, then the others
-ORDER = ("roundtrip", "throughput", "payload", "coldstart", "respawn")
+ORDER = (
+    "roundtrip",
+    "throughput",
+    "payload",
+    "coldstart",
+    "respawn",
+    "scaling",
+    "teardown",
+    "memory",
+    "isolation",
+)
 
 
 def all_benches() -> list[Bench]:
@@ -72,11 +82,12 @@ def run_bench(bench: Bench, cfg: Config, log: Callable[[str], None]) -> BenchRes
     tables = []
     fronts: list[tuple[str, Sequence[SyncPeer | AsyncPeer]]] = []
     if bench.sync is not None:
-        fronts.append(("sync", sync_peers()))
+        fronts.append(("sync", bench.peers() if bench.peers else sync_peers()))
     if bench.aio is not None:
         fronts.append(("async", async_peers()))
     for kind, peers in fronts:
-        table = Table(kind, bench.metrics(cfg, kind))
+        table = Table(kind, bench.metrics(cfg, kind), baseline_name=bench.baseline)
+        table.ratio_label = bench.ratio
         active: list[SyncPeer | AsyncPeer] = []
         for peer in peers:
             why = peer.missing or bench.skip(peer)

@@ -23,7 +23,15 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+def _load_libc() -> ctypes.CDLL:
+    # "libc.so.6" first: ctypes.util.find_library runs ldconfig/gcc (tens of ms at start-up).
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+_libc = _load_libc()
 _ulong = ctypes.c_ulong
 _libc.prctl.argtypes = [ctypes.c_int, _ulong, _ulong, _ulong, _ulong]
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, _ulong, ctypes.c_void_p]
