@@ -142,6 +142,7 @@ def _lines(plt: Any, title: str, tables: Sequence[Table]) -> Any:
         ax.set_title(f"{title}: {t.kind}, {series}", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
+    fig.suptitle("median, bars: min–max over repeats", fontsize=9)
     return fig
 
 

@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from . import _serialize
+from ._chunks import process_chunk
 from ._driver import Completion, Conn, PoolDriver
 from ._launch import LaunchConfig, Launcher
 from ._pool import PoolCore, Task, default_max_workers
@@ -268,10 +269,6 @@ class NSFuture(Future[T]):
         return how != "done"
 
 
-def _process_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
-    return [fn(*args) for args in chunk]
-
-
 class NSPoolExecutor(Executor):
     """A ``concurrent.futures.Executor`` whose workers are PID 1 of their own PID namespace.
 
@@ -376,7 +373,7 @@ class NSPoolExecutor(Executor):
             engine.enqueue(task)
         return fut
 
-    def map(  # type: ignore[override]
+    def map(  # type: ignore[override,unused-ignore]
         self,
         fn: Callable[..., T],
         *iterables: Iterable[Any],
@@ -398,7 +395,7 @@ class NSPoolExecutor(Executor):
         args_iter: Iterator[tuple[Any, ...]] = zip(*iterables)  # noqa: B905 - map stops at the shortest
         call: Callable[..., Any] = fn
         if chunksize > 1:
-            call = partial(_process_chunk, fn)
+            call = partial(process_chunk, fn)
             args_iter = ((chunk,) for chunk in _chunks(args_iter, chunksize))
         head = args_iter if buffersize is None else itertools.islice(args_iter, buffersize)
         fs = deque(self.submit(call, *args) for args in head)

@@ -177,7 +177,13 @@ def run(ctrl: socket.socket, lifeline: int, config: dict[str, object]) -> NoRetu
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, _die)
         _syscalls.set_process_name("nspool-fsrv")
-        for name in ["cloudpickle", "nspool.launcher._worker", *config.get("preload", [])]:  # type: ignore[misc]
+        # What every worker needs, imported once here so that workers fork warm.
+        for name in [
+            "cloudpickle",
+            "nspool.launcher._worker",
+            "nspool._chunks",
+            *config.get("preload", []),
+        ]:  # type: ignore[misc]
             try:
                 importlib.import_module(name)
             except BaseException as exc:  # noqa: BLE001

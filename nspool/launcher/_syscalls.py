@@ -7,7 +7,6 @@ not, so we fall back to libc through ctypes. ``prctl`` and ``mount`` always go t
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 CLONE_NEWNS = 0x00020000
@@ -23,12 +22,15 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
 
+
 def _load_libc() -> ctypes.CDLL:
     # "libc.so.6" first: ctypes.util.find_library runs ldconfig/gcc (tens of ms at start-up).
     try:
         return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        from ctypes.util import find_library
+
+        return ctypes.CDLL(find_library("c"), use_errno=True)
 
 
 _libc = _load_libc()

@@ -1,0 +1,111 @@
+"""Time one spawn mechanism from a fresh single-threaded interpreter, as nspool's launcher is.
+
+    python -m benchmarks._isolation_probe MODE COUNT
+
+prints a JSON list of COUNT spawn times in ns (after a few untimed ones). A spawn is: fork a
+Python child (in the way MODE says) and read one byte it writes to a pipe; the child's exit
+and reaping are not timed. Modes:
+
+* ``fork``: plain ``os.fork()``.
+* ``pidns``: ``unshare(CLONE_NEWPID)`` + fork + ``setns`` back to our own PID namespace (the
+  fork server's per-worker step when nspool runs as root).
+* ``userns``: as nspool unprivileged: this process does ``unshare(CLONE_NEWUSER |
+  CLONE_NEWPID)``, writes setgroups/uid_map/gid_map, forks a child that is PID 1 of the new
+  namespace, and that child (the fork server) times ``pidns`` spawns.
+* ``pidns+proc``, ``userns+proc``: the same, and the child also mounts a private /proc
+  (``mount_private_proc()``: a mount namespace, / made rprivate, a new proc mounted).
+
+Kept free of the benchmark machinery so that nothing but the mechanism runs in this process.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+
+from nspool.launcher import _syscalls
+from nspool.launcher._worker import mount_private_proc
+
+MODES = ("fork", "pidns", "userns", "pidns+proc", "userns+proc")
+WARMUP = 5
+
+
+def _spawn_times(count: int, newpid: bool, proc: bool) -> list[int]:
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    r, w = os.pipe()
+    out = []
+    gc.collect()
+    gc.disable()
+    for i in range(WARMUP + count):
+        t0 = time.perf_counter_ns()
+        if newpid:
+            _syscalls.unshare(_syscalls.CLONE_NEWPID)
+        pid = os.fork()
+        if pid == 0:
+            status = b"x"
+            try:
+                if proc:
+                    mount_private_proc()
+            except BaseException:  # noqa: BLE001
+                status = b"e"
+            finally:
+                os.write(w, status)
+                os._exit(0)
+        if newpid:
+            _syscalls.setns(own, _syscalls.CLONE_NEWPID)
+        got = os.read(r, 1)
+        t1 = time.perf_counter_ns()
+        os.waitpid(pid, 0)
+        if got != b"x":
+            raise RuntimeError("the child could not mount a private /proc")
+        if i >= WARMUP:
+            out.append(t1 - t0)
+    return out
+
+
+def _in_user_namespace(count: int, proc: bool) -> list[int]:
+    uid, gid = os.geteuid(), os.getegid()
+    _syscalls.unshare(_syscalls.CLONE_NEWUSER | _syscalls.CLONE_NEWPID)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", "")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text or f"{gid} {gid} 1")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # PID 1 of the new namespace: the fork server
+        code = 0
+        try:
+            os.close(r)
+            data = json.dumps(_spawn_times(count, True, proc)).encode()
+        except BaseException as exc:  # noqa: BLE001
+            data, code = json.dumps(f"{type(exc).__name__}: {exc}").encode(), 1
+        with os.fdopen(w, "wb") as f:
+            f.write(data)
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = json.loads(f.read())
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise RuntimeError(f"the fork server failed: {got}")
+    return list(got)
+
+
+def main(argv: list[str]) -> int:
+    mode, count = argv[0], int(argv[1])
+    if mode not in MODES:
+        print(f"unknown mode {mode!r}; one of {', '.join(MODES)}", file=sys.stderr)
+        return 2
+    proc = mode.endswith("+proc")
+    if mode.startswith("userns"):
+        times = _in_user_namespace(count, proc)
+    else:
+        times = _spawn_times(count, mode != "fork", proc)
+    print(json.dumps(times))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

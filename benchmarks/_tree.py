@@ -1,0 +1,141 @@
+"""A task that starts a tree of blocking processes, and /proc checks on it from outside.
+
+``make_tree`` runs in a worker: it starts ``n`` processes (fork, then exec of ``sleep``, so every
+tree process is equally small whatever the worker's size), one in ``DAEMON_EVERY`` of them a
+daemon (double fork with ``setsid`` in between, so it is reparented away from the worker),
+writes every PID to a file, then blocks.
+PIDs are as the host sees them (``readlink /proc/self`` reads the host's /proc even inside a
+worker's PID namespace), so the benchmark can watch them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+
+#: one process in this many is a setsid'd double-forked daemon
+DAEMON_EVERY = 10
+#: a safety net: tree processes exit on their own after this long, whatever happens
+LIFETIME = 120.0
+
+
+def host_pid() -> int:
+    """This process's PID in the host's /proc (not the PID namespace's own numbering)."""
+    return int(os.readlink("/proc/self"))
+
+
+def _child(w: int, daemon: bool, sleep: str) -> None:
+    """Body of a tree process (never returns): report the PID, then become ``sleep``."""
+    try:
+        if daemon:
+            os.setsid()
+            if os.fork():
+                os._exit(0)  # the intermediate parent: the daemon is orphaned
+        os.write(w, b"%c%d\n" % (b"d" if daemon else b"p", host_pid()))
+        os.close(w)
+        os.execv(sleep, [sleep, str(int(LIFETIME))])
+    finally:
+        os._exit(0)
+
+
+def make_tree(n: int, path: str) -> None:
+    """Start ``n`` processes, write ``w<worker pid>`` and one ``p<pid>``/``d<pid>`` line each
+    to ``path`` (atomically, by rename), then block until killed (or ``LIFETIME``)."""
+    sleep = shutil.which("sleep") or "/bin/sleep"
+    r, w = os.pipe()
+    for i in range(n):
+        daemon = i % DAEMON_EVERY == DAEMON_EVERY - 1
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            _child(w, daemon, sleep)
+        if daemon:
+            os.waitpid(pid, 0)  # the intermediate parent exits at once
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):  # EOF once every tree process wrote and closed
+        chunks.append(chunk)
+    os.close(r)
+    with open(path + ".tmp", "wb") as f:
+        f.write(b"w%d\n" % host_pid() + b"".join(chunks))
+    os.rename(path + ".tmp", path)
+    time.sleep(LIFETIME)
+
+
+@dataclass
+class Tree:
+    worker: int  # host PID of the worker that runs the task
+    pids: dict[int, int]  # host PID -> start time (clock ticks since boot), every tree process
+    daemons: set[int]
+
+
+def read_tree(path: str, n: int, timeout: float) -> Tree:
+    """Wait for ``make_tree``'s file and read it (with each process's start time, so that a
+    recycled PID is never mistaken for a tree process)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the task did not start its {n} processes in {timeout:g} s")
+        time.sleep(0.002)
+    with open(path, "rb") as f:
+        lines = f.read().split()
+    worker = next(int(x[1:]) for x in lines if x.startswith(b"w"))
+    pids = {int(x[1:]): 0 for x in lines if x[:1] in b"pd"}
+    daemons = {int(x[1:]) for x in lines if x.startswith(b"d")}
+    if len(pids) != n:
+        raise AssertionError(f"the task reported {len(pids)} processes, not {n}")
+    for pid in pids:
+        st = _stat(pid)
+        if st is None or st[0] in "ZX":
+            raise AssertionError(f"tree process {pid} is not running")
+        pids[pid] = st[1]
+    return Tree(worker, pids, daemons)
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time) of ``pid`` from /proc, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[19])  # state (field 3), starttime (field 22)
+
+
+def running(pids: dict[int, int]) -> list[int]:
+    """The ones still running: a zombie (dead, waiting for its parent to reap it) or a PID
+    now used by another process counts as gone."""
+    out = []
+    for pid, start in pids.items():
+        st = _stat(pid)
+        if st is not None and st[0] not in "ZX" and st[1] == start:
+            out.append(pid)
+    return out
+
+
+def wait_gone(pids: dict[int, int], timeout: float, spare: Collection[int] = ()) -> None:
+    """Poll /proc until every process of ``pids`` except those in ``spare`` is gone."""
+    deadline = time.monotonic() + timeout
+    left = {p: s for p, s in pids.items() if p not in spare}
+    while left:
+        left = {p: left[p] for p in running(left)}
+        if left and time.monotonic() > deadline:
+            raise TimeoutError(f"{len(left)} tree processes still running after {timeout:g} s")
+
+
+def kill_all(pids: dict[int, int], timeout: float = 10.0) -> int:
+    """SIGKILL whatever of ``pids`` still runs, wait until it is gone; returns how many ran."""
+    import signal
+
+    alive = running(pids)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_gone({p: pids[p] for p in alive}, timeout)
+    return len(alive)
