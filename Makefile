@@ -41,5 +41,11 @@ test-unprivileged:
 
 test: lint test-oldest test-newest test-unprivileged
 
+bench: .venv/.installed
+	.venv/bin/python -m benchmarks.run
+
+bench-quick: .venv/.installed
+	.venv/bin/python -m benchmarks.run --quick
+
 clean:
 	rm -rf .venv .venv-* .pytest_cache .mypy_cache .ruff_cache
