@@ -17,7 +17,8 @@ def _read(path: str) -> str | None:
 def explain_unshare_error(exc: OSError, user_ns: bool) -> str:
     """A one-paragraph explanation of why ``unshare`` failed, with the remedy."""
     what = "a user and PID namespace" if user_ns else "a PID namespace"
-    head = f"nspool cannot create {what} for its workers: unshare() failed with {exc.strerror}."
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    head = f"nspool cannot create {what} for its workers: unshare() failed: {reason}."
     tips: list[str] = []
     code = exc.errno
     if code == errno.EPERM:
