@@ -270,10 +270,7 @@ class PoolDriver:
             # Results written just before the exit are still in the pipe: read them first.
             self.on_readable(conn, done)
             self._close_result(conn)
-        if conn.task_fd >= 0:
-            self._release_fd(conn.task_fd)
-            os.close(conn.task_fd)
-            conn.task_fd = -1
+        self._close_task(conn)
         conn.out.clear()
         outcome = self.core.on_exit(wid)
         if status is None:
@@ -303,6 +300,12 @@ class PoolDriver:
             os.close(conn.result_fd)
             conn.result_fd = -1
 
+    def _close_task(self, conn: Conn) -> None:
+        if conn.task_fd >= 0:
+            self._release_fd(conn.task_fd)
+            os.close(conn.task_fd)
+            conn.task_fd = -1
+
     def break_pool(self, exc: BrokenProcessPool, done: list[Completion]) -> None:
         """The pool cannot serve any more: fail every task with ``exc``."""
         self.broken = exc
@@ -313,10 +316,7 @@ class PoolDriver:
         """Close every worker pipe (the pool is being torn down)."""
         for conn in self.conns.values():
             self._close_result(conn)
-            if conn.task_fd >= 0:
-                self._release_fd(conn.task_fd)
-                os.close(conn.task_fd)
-                conn.task_fd = -1
+            self._close_task(conn)
         self.conns.clear()
 
     # -- hooks for the fronts ---------------------------------------------------------------------
