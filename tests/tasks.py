@@ -228,3 +228,12 @@ def proc_view() -> tuple[list[int], list[int]]:
 def write_file(path: str) -> None:
     with open(path, "w") as f:
         f.write("x")
+
+
+def fork_and_return_in_child() -> str:
+    """A careless task: its forked child returns instead of exiting."""
+    pid = os.fork()
+    if pid == 0:
+        return "child"
+    os.waitpid(pid, 0)
+    return "parent"

@@ -139,6 +139,13 @@ def test_exception_that_cannot_be_unpickled(ex: NSPoolExecutor) -> None:
     assert ex.submit(tasks.square, 6).result() == 36
 
 
+def test_a_forked_child_returning_from_a_task_does_not_answer(ex: NSPoolExecutor) -> None:
+    assert [ex.submit(tasks.fork_and_return_in_child).result() for _ in range(3)] == [
+        "parent"
+    ] * 3
+    assert ex.submit(tasks.square, 3).result() == 9
+
+
 def test_sys_exit_in_a_task_fails_only_its_future(ex: NSPoolExecutor) -> None:
     exc = ex.submit(tasks.call_sys_exit, 4).exception()
     assert isinstance(exc, SystemExit) and exc.code == 4

@@ -135,6 +135,11 @@ def _serve(task_fd: int, result_fd: int, options: WorkerOptions) -> int:
             continue
         if frame.kind is Kind.TASK:
             kind, payload = _run_task(frame)
+            if os.getpid() != 1:
+                # A task forked and its child returned instead of exiting: it must not go on
+                # serving (it would write a second answer into our result pipe).
+                _flush_stdio()
+                os._exit(0)
             _flush_stdio()
             _wipe_leftovers(kill_leftovers)
             # Each result leaves at once, never held back for a batch: the program relies on
