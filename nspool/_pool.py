@@ -333,12 +333,3 @@ class PoolCore:
                 self.workers[slot.wid] = slot
                 actions.spawn.append(slot)
         return actions
-
-    def close_all(self) -> list[WorkerSlot]:
-        """Stop giving work to every live worker (shutdown); returns those to close."""
-        out = []
-        for w in self.workers.values():
-            if w.state in (WState.STARTING, WState.READY):
-                w.state = WState.CLOSING
-                out.append(w)
-        return out

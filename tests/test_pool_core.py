@@ -696,24 +696,6 @@ def test_idle() -> None:
     assert core.idle
 
 
-def test_close_all() -> None:
-    core = PoolCore(3)
-    submit(core, 3)
-    a, b, c = core.schedule(0.0).spawn
-    core.on_ready(a.wid, 1, 0.0)
-    core.on_ready(b.wid, 2, 0.0)
-    core.schedule(0.0)
-    core.on_exit(b.wid)
-    closed = core.close_all()
-    assert closed == [a, c]
-    assert a.state is WState.CLOSING and c.state is WState.CLOSING
-    assert core.close_all() == []
-    # A worker closed while starting stays closed when it reports READY, and gets nothing.
-    core.on_ready(c.wid, 3, 1.0)
-    assert c.state is WState.CLOSING
-    assert not core.schedule(1.0, spawn=False)
-
-
 # ---------------------------------------------------------------------------------------------
 # A long random run: invariants hold whatever the order of events
 # ---------------------------------------------------------------------------------------------
