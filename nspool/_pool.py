@@ -111,6 +111,8 @@ class PoolCore:
             raise ValueError("max_workers must be greater than 0")
         if max_tasks_per_child is not None and max_tasks_per_child < 1:
             raise ValueError("max_tasks_per_child must be >= 1")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
         self.max_workers = max_workers
         self.max_tasks_per_child = max_tasks_per_child
         self.claim = claim

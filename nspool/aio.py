@@ -237,6 +237,7 @@ async def open_pool(
     kill_leftovers: bool = True,
     private_proc: bool = False,
     idle_timeout: float | None = None,
+    max_batch: int = 64,
     start_timeout: float = 60.0,
 ) -> AsyncIterator[AsyncPool]:
     """Open a pool for async code (asyncio or trio, through anyio).
@@ -248,7 +249,7 @@ async def open_pool(
     if max_workers is None:
         max_workers = default_max_workers()
     init_payload = _serialize.dump_initializer(initializer, initargs)
-    core = PoolCore(max_workers, max_tasks_per_child=max_tasks_per_child)
+    core = PoolCore(max_workers, max_tasks_per_child=max_tasks_per_child, max_batch=max_batch)
     config = LaunchConfig(
         preload=tuple(preload), kill_leftovers=kill_leftovers, private_proc=private_proc
     )

@@ -47,8 +47,14 @@ class _Engine(PoolDriver):
         init_payload: bytes | None,
         config: LaunchConfig,
         start_timeout: float,
+        max_batch: int,
     ) -> None:
-        core = PoolCore(max_workers, max_tasks_per_child=max_tasks_per_child, claim=self._claim)
+        core = PoolCore(
+            max_workers,
+            max_tasks_per_child=max_tasks_per_child,
+            claim=self._claim,
+            max_batch=max_batch,
+        )
         super().__init__(core, Launcher(config, start_timeout), init_payload)
         self.lock = threading.Lock()
         self.wake_r, self.wake_w = os.pipe()
@@ -291,6 +297,9 @@ class NSPoolExecutor(Executor):
             it; a task past it is killed with its whole process tree and its future fails with
             ``TaskTimeoutError`` (a ``TimeoutError``). ``schedule(..., timeout=)`` sets one per
             task.
+        max_batch: most tasks one worker may hold at once when tasks are short (they travel
+            several to a write); 1 turns batching off, for workloads where fast and slow tasks
+            mix and no task should wait behind another in a busy worker.
         start_timeout: seconds to wait for the launcher to come up.
     """
 
@@ -306,6 +315,7 @@ class NSPoolExecutor(Executor):
         kill_leftovers: bool = True,
         private_proc: bool = False,
         task_timeout: float | None = None,
+        max_batch: int = 64,
         start_timeout: float = 60.0,
     ) -> None:
         if max_workers is None:
@@ -324,8 +334,10 @@ class NSPoolExecutor(Executor):
         config = LaunchConfig(
             preload=tuple(preload), kill_leftovers=kill_leftovers, private_proc=private_proc
         )
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
         self._engine = _Engine(
-            max_workers, max_tasks_per_child, init_payload, config, start_timeout
+            max_workers, max_tasks_per_child, init_payload, config, start_timeout, max_batch
         )
         weakref.finalize(self, self._engine.request_shutdown)
 

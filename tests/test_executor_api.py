@@ -140,9 +140,7 @@ def test_exception_that_cannot_be_unpickled(ex: NSPoolExecutor) -> None:
 
 
 def test_a_forked_child_returning_from_a_task_does_not_answer(ex: NSPoolExecutor) -> None:
-    assert [ex.submit(tasks.fork_and_return_in_child).result() for _ in range(3)] == [
-        "parent"
-    ] * 3
+    assert [ex.submit(tasks.fork_and_return_in_child).result() for _ in range(3)] == ["parent"] * 3
     assert ex.submit(tasks.square, 3).result() == 9
 
 
@@ -421,3 +419,16 @@ def test_files_a_task_writes_belong_to_the_caller(tmp_path) -> None:  # type: ig
         pool.submit(tasks.write_file, path).result()
     st = os.stat(path)
     assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())
+
+
+def test_max_batch_1_never_queues_a_task_behind_another_in_a_worker() -> None:
+    with pytest.raises(ValueError):
+        NSPoolExecutor(1, max_batch=0)
+    with NSPoolExecutor(1, max_batch=1) as pool:
+        assert sum(pool.map(tasks.square, range(2000))) == sum(i * i for i in range(2000))
+        core = pool._engine.core
+        assert core.depth() == 1 and core.max_batch == 1
+        fs = [pool.submit(tasks.square, i) for i in range(50)]
+        with pool._engine.lock:
+            assert all(len(w.inflight) <= 1 for w in core.workers.values())
+        assert [f.result() for f in fs] == [i * i for i in range(50)]
