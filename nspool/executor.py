@@ -56,7 +56,9 @@ class _Engine(PoolDriver):
             max_batch=max_batch,
         )
         super().__init__(core, Launcher(config, start_timeout), init_payload)
-        self.lock = threading.Lock()
+        # Re-entrant: a garbage-collected executor asks for shutdown from wherever the
+        # collection ran, possibly the I/O thread while it holds this lock.
+        self.lock = threading.RLock()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)

@@ -432,3 +432,22 @@ def test_max_batch_1_never_queues_a_task_behind_another_in_a_worker() -> None:
         with pool._engine.lock:
             assert all(len(w.inflight) <= 1 for w in core.workers.values())
         assert [f.result() for f in fs] == [i * i for i in range(50)]
+
+
+def test_shutdown_request_while_the_pool_lock_is_held_does_not_deadlock() -> None:
+    """The GC may finalize an executor in the I/O thread while it holds the pool's lock."""
+    pool = NSPoolExecutor(1)
+    engine = pool._engine
+    assert pool.submit(tasks.square, 2).result() == 4
+
+    def finalize_under_lock() -> None:
+        with engine.lock:
+            engine.request_shutdown()
+
+    t = threading.Thread(target=finalize_under_lock)
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+    engine.join()
+    with pytest.raises(RuntimeError):
+        pool.submit(tasks.square, 1)
