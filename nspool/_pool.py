@@ -99,7 +99,7 @@ class PoolCore:
 
     def __init__(
         self,
-        max_workers: int,
+        max_workers: int | None,
         *,
         max_tasks_per_child: int | None = None,
         claim: Callable[[Task], bool] = lambda task: True,
@@ -107,6 +107,9 @@ class PoolCore:
         batch_window: float = 0.002,
         max_startup_failures: int = 3,
     ) -> None:
+        # Both fronts take their argument checks from here, before any process starts.
+        if max_workers is None:
+            max_workers = default_max_workers()
         if max_workers < 1:
             raise ValueError("max_workers must be greater than 0")
         if max_tasks_per_child is not None and max_tasks_per_child < 1:
@@ -132,9 +135,6 @@ class PoolCore:
     def idle(self) -> bool:
         """No task queued or in flight."""
         return not self.queue and not any(w.inflight for w in self.workers.values())
-
-    def live_workers(self) -> list[WorkerSlot]:
-        return [w for w in self.workers.values() if w.state is not WState.DEAD]
 
     def depth(self) -> int:
         """How many tasks one worker may hold right now."""

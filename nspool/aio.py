@@ -81,17 +81,16 @@ class _AsyncEngine(PoolDriver):
     # -- hooks ------------------------------------------------------------------------------------
     def _watch_result(self, conn: Conn) -> None:
         if self.loop is not None:
-            self.loop.add_reader(conn.result_fd, self._on_readable_cb, conn)
+            self.loop.add_reader(conn.result_fd, self._read_and_settle, conn)
         else:
             self.tg.start_soon(self._reader, conn)
 
-    def _on_readable_cb(self, conn: Conn) -> None:
+    def _read_and_settle(self, conn: Conn) -> None:
         if conn.result_fd < 0:
             return
         done: list[Completion] = []
         self.on_readable(conn, done)
-        self.step(done)
-        _settle(done)
+        self.kick(done)
 
     def _want_write(self, conn: Conn) -> None:
         conn.writing = True
@@ -103,9 +102,10 @@ class _AsyncEngine(PoolDriver):
         anyio.notify_closing(fd)  # wakes a reader or writer waiting on it
 
     # -- tasks ---------------------------------------------------------------------------------
-    def kick(self) -> None:
-        """Schedule, start workers and stop doomed tasks, then settle what finished."""
-        done: list[Completion] = []
+    def kick(self, done: list[Completion] | None = None) -> None:
+        """Schedule, start workers and stop doomed tasks, then settle what finished (``done``:
+        completions an event already produced)."""
+        done = [] if done is None else done
         self.step(done)
         _settle(done)
 
@@ -118,10 +118,7 @@ class _AsyncEngine(PoolDriver):
                 return
             if conn.result_fd != fd:
                 return  # closed by another task between the wake-up and now
-            done: list[Completion] = []
-            self.on_readable(conn, done)
-            self.step(done)
-            _settle(done)
+            self._read_and_settle(conn)
 
     async def _writer(self, conn: Conn) -> None:
         fd = conn.task_fd
@@ -147,8 +144,7 @@ class _AsyncEngine(PoolDriver):
                 return
             done: list[Completion] = []
             self.on_control(done)
-            self.step(done)
-            _settle(done)
+            self.kick(done)
             if self.broken is not None:
                 return
 
@@ -246,8 +242,6 @@ async def open_pool(
     lets workers idle that long exit (they are started again on demand). On exit every
     process of the pool and of its tasks is gone.
     """
-    if max_workers is None:
-        max_workers = default_max_workers()
     init_payload = _serialize.dump_initializer(initializer, initargs)
     core = PoolCore(max_workers, max_tasks_per_child=max_tasks_per_child, max_batch=max_batch)
     config = LaunchConfig(

@@ -27,7 +27,7 @@ from . import _serialize
 from ._chunks import process_chunk
 from ._driver import Completion, Conn, PoolDriver
 from ._launch import LaunchConfig, Launcher
-from ._pool import PoolCore, Task, default_max_workers
+from ._pool import PoolCore, Task
 from ._protocol import Kind
 from .errors import BrokenProcessPool, LauncherDiedError, TaskPicklingError
 
@@ -42,7 +42,7 @@ class _Engine(PoolDriver):
 
     def __init__(
         self,
-        max_workers: int,
+        max_workers: int | None,
         max_tasks_per_child: int | None,
         init_payload: bytes | None,
         config: LaunchConfig,
@@ -320,27 +320,17 @@ class NSPoolExecutor(Executor):
         max_batch: int = 64,
         start_timeout: float = 60.0,
     ) -> None:
-        if max_workers is None:
-            max_workers = default_max_workers()
-        elif max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
-        if max_tasks_per_child is not None and (
-            not isinstance(max_tasks_per_child, int) or max_tasks_per_child < 1
-        ):
-            raise ValueError("max_tasks_per_child must be >= 1")
         init_payload = _serialize.dump_initializer(initializer, initargs)
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be None or > 0")
         self._task_timeout = task_timeout
-        self._max_workers = max_workers
         config = LaunchConfig(
             preload=tuple(preload), kill_leftovers=kill_leftovers, private_proc=private_proc
         )
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
         self._engine = _Engine(
             max_workers, max_tasks_per_child, init_payload, config, start_timeout, max_batch
         )
+        self._max_workers = self._engine.core.max_workers  # as the stdlib pool names it
         weakref.finalize(self, self._engine.request_shutdown)
 
     # -- introspection ------------------------------------------------------------------------

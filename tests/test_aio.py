@@ -111,15 +111,19 @@ async def test_non_cancellable_call_runs_to_completion(tmp_path) -> None:  # typ
         assert marker.exists()  # the call was not killed: it ran to completion
 
 
-async def test_cancelling_a_queued_call_kills_nothing() -> None:
+async def test_cancelling_a_queued_call_kills_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pid_file = str(tmp_path / "daemon.pid")
     async with nspool.open_pool(max_workers=1) as pool:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pool.run, tasks.sleep_then_square, 0.5, 2)
-            await anyio.sleep(0)  # let the first call take the worker
-            with anyio.move_on_after(0.1):
-                await pool.run(tasks.square, 3)  # waits behind the first, then is cancelled
+            # The first call holds the only worker; once its daemon is up, it is running.
+            tg.start_soon(pool.run, tasks.spawn_daemon_then_sleep, pid_file, 0.5)
+            daemon = await _daemon_pid(pid_file)
             workers = pool.worker_pids()
-        assert pool.worker_pids() == workers and len(workers) == 1
+            with anyio.move_on_after(0.1) as scope:
+                await pool.run(tasks.square, 3)  # waits in the queue, then is cancelled
+            assert scope.cancelled_caught
+            assert not pool._engine.core.queue  # the cancelled call left the queue
+            assert pool.worker_pids() == workers and alive(daemon)  # nothing was killed
 
 
 async def test_ten_thousand_concurrent_calls_all_complete() -> None:

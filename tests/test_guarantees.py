@@ -9,8 +9,11 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import tasks
@@ -20,6 +23,19 @@ from nspool import LauncherDiedError, NSPoolExecutor, WorkerDiedError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OWNER = os.path.join(HERE, "programs", "owner.py")
+
+
+@contextmanager
+def _owner(mode: str, **popen: Any) -> Iterator[subprocess.Popen[str]]:
+    """Run ``tests/programs/owner.py MODE``; on the way out kill it (a test may fail midway),
+    then let Popen close its pipes and reap it."""
+    with subprocess.Popen(
+        [sys.executable, OWNER, mode], stdout=subprocess.PIPE, text=True, **popen
+    ) as owner:
+        try:
+            yield owner
+        finally:
+            owner.kill()
 
 
 def _ns_pids(pid: int) -> list[int]:
@@ -75,10 +91,7 @@ def test_kill_leftovers_false_keeps_a_daemon_until_the_worker_exits() -> None:
 
 
 def test_guarantee2_kill_9_of_the_owner_leaves_nothing_within_2s() -> None:
-    owner = subprocess.Popen(
-        [sys.executable, OWNER, "hold"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    try:
+    with _owner("hold", stdin=subprocess.PIPE) as owner:
         assert owner.stdout is not None
         info = json.loads(owner.stdout.readline())
         pids = [info["launcher"], *info["workers"], *info["tree"]]
@@ -87,40 +100,27 @@ def test_guarantee2_kill_9_of_the_owner_leaves_nothing_within_2s() -> None:
         owner.kill()
         owner.wait()
         assert wait_gone(pids, 2.0) == set()
-    finally:
-        owner.kill()
-        owner.wait()
-        for stream in (owner.stdin, owner.stdout):
-            if stream:
-                stream.close()
 
 
 def test_guarantee2_holds_when_a_forked_child_of_the_owner_lives_on() -> None:
     """A child forked from the owner inherits its fds; the pool must still die with the owner,
     not with the last process holding a copy of the control socket."""
-    owner = subprocess.Popen(
-        [sys.executable, OWNER, "forkchild"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
     child = 0
     try:
-        assert owner.stdout is not None
-        info = json.loads(owner.stdout.readline())
-        child = info["child"]
-        pids = [info["launcher"], *info["workers"], info["daemon"]]
-        assert all(alive(p) for p in pids)
-        owner.kill()
-        owner.wait()
-        assert wait_gone(pids, 2.0) == set()
-        assert alive(child)
+        with _owner("forkchild", stdin=subprocess.PIPE) as owner:
+            assert owner.stdout is not None
+            info = json.loads(owner.stdout.readline())
+            child = info["child"]
+            pids = [info["launcher"], *info["workers"], info["daemon"]]
+            assert all(alive(p) for p in pids)
+            owner.kill()
+            owner.wait()
+            assert wait_gone(pids, 2.0) == set()
+            assert alive(child)
     finally:
-        owner.kill()
-        owner.wait()
         if child:
             os.kill(child, signal.SIGKILL)
             wait_gone([child], 5.0)
-        for stream in (owner.stdin, owner.stdout):
-            if stream:
-                stream.close()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
@@ -292,14 +292,8 @@ def test_interpreter_exit_without_shutdown_finishes_work_and_leaves_nothing() ->
 
 @pytest.mark.parametrize("mode", ["ctrlc", "ctrlc-bare"])
 def test_one_ctrl_c_stops_everything_cleanly(mode: str) -> None:
-    owner = subprocess.Popen(
-        [sys.executable, OWNER, mode],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, like a terminal's foreground job
-    )
-    try:
+    # Its own process group, like a terminal's foreground job.
+    with _owner(mode, stderr=subprocess.PIPE, start_new_session=True) as owner:
         assert owner.stdout is not None and owner.stderr is not None
         info = json.loads(owner.stdout.readline())
         pool = set(descendants(info["launcher"])) | {info["launcher"]}
@@ -311,12 +305,6 @@ def test_one_ctrl_c_stops_everything_cleanly(mode: str) -> None:
         assert err.count("Traceback") == 1, err
         assert "KeyboardInterrupt" in err
         assert wait_gone(pool, 2.0) == set()
-    finally:
-        owner.kill()
-        owner.wait()
-        for stream in (owner.stdout, owner.stderr):
-            if stream:
-                stream.close()
 
 
 def test_zombies_do_not_accumulate_across_tasks() -> None:

@@ -104,7 +104,7 @@ def test_spawns_one_worker_per_queued_task_up_to_max_workers() -> None:
 
     submit(core, 5, start=8)
     assert not core.schedule(0.0)
-    assert len(core.live_workers()) == 3
+    assert len(core.workers) == 3
 
 
 def test_task_queued_while_workers_start_spawns_only_what_is_missing() -> None:
@@ -429,7 +429,7 @@ def test_exit_fails_only_the_running_task_and_requeues_the_rest_in_front() -> No
     assert w1.state is WState.DEAD
     assert list(w1.inflight) == []
     assert w1.wid not in core.workers
-    assert w1 not in core.live_workers()
+    assert w1.wid not in core.workers
     # The tasks it had not started go first, in their order, already marked started.
     assert queue_ids(core) == [3, 5, 7, 9, 10]
     assert all(t.started for t in list(core.queue)[:3])
