@@ -27,7 +27,7 @@ import sys
 import time
 
 from nspool.launcher import _syscalls
-from nspool.launcher._worker import mount_private_proc
+from nspool.launcher._taskloop import mount_private_proc
 
 MODES = ("fork", "pidns", "userns", "pidns+proc", "userns+proc")
 WARMUP = 5

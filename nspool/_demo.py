@@ -1,4 +1,5 @@
-"""``python -m nspool demo``: shows workers as PID 1 and a leaked daemon being torn down."""
+"""``python -m nspool demo``: shows workers in their own PID namespaces and a leaked daemon being
+torn down."""
 
 from __future__ import annotations
 

@@ -14,13 +14,28 @@ import weakref
 from collections import deque
 from typing import Any
 
+from concurrent.futures import CancelledError
+
 from ._launch import Launcher
-from ._pool import Actions, PoolCore, Task, WorkerSlot
-from ._protocol import Ctl, Frame, FrameDecoder, Kind, encode_frame, encode_header
+from ._pool import Actions, Fate, PoolCore, StopAction, Task, WorkerEnd, WorkerSlot
+from ._protocol import (
+    Ctl,
+    Frame,
+    FrameDecoder,
+    InitMsg,
+    Kind,
+    Op,
+    StateBlock,
+    StopReason,
+    encode_frame,
+    encode_init_msg,
+    encode_task_head,
+)
 from .errors import (
     BrokenProcessPool,
     LauncherDiedError,
     PoolInitializerError,
+    TaskTimeoutError,
     WorkerDiedError,
     describe_wait_status,
 )
@@ -40,28 +55,32 @@ Completion = tuple[Any, "Kind | None", Any]
 
 
 class Conn:
-    """The program's ends of one worker's pipes."""
+    """The program's ends of one worker: its pipes and its state block."""
 
     __slots__ = (
         "slot",
         "task_fd",
         "result_fd",
+        "stop_fd",
+        "state_map",
         "decoder",
         "out",
         "writing",
         "close_after",
-        "kill_reason",
     )
 
-    def __init__(self, slot: WorkerSlot, task_fd: int, result_fd: int) -> None:
+    def __init__(
+        self, slot: WorkerSlot, task_fd: int, result_fd: int, stop_fd: int, state_map: Any
+    ) -> None:
         self.slot = slot
         self.task_fd = task_fd
         self.result_fd = result_fd
+        self.stop_fd = stop_fd
+        self.state_map = state_map
         self.decoder = FrameDecoder()
         self.out: deque[memoryview] = deque()
         self.writing = False  # the front waits for room in the task pipe
         self.close_after = False  # close task_fd once ``out`` is written
-        self.kill_reason: str | None = None
 
 
 class PoolDriver:
@@ -82,10 +101,10 @@ class PoolDriver:
         word, so that the pool's life stays tied to the program that created it (the launcher
         must see EOF when *that* program dies, not when its last forked child does)."""
         for conn in self.conns.values():
-            for fd in (conn.task_fd, conn.result_fd):
+            for fd in (conn.task_fd, conn.result_fd, conn.stop_fd):
                 if fd >= 0:
                     os.close(fd)
-            conn.task_fd = conn.result_fd = -1
+            conn.task_fd = conn.result_fd = conn.stop_fd = -1
         self.conns = {}
         self.launcher.forget()
         self.broken = BrokenProcessPool("this pool belongs to the parent process")
@@ -97,29 +116,25 @@ class PoolDriver:
         if self.shutdown_requested:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
-    def step(self, done: list[Completion], *, spawn: bool = True) -> float | None:
-        """Hand queued tasks to workers, start missing workers, stop tasks that must die.
-        Returns when the next task deadline falls due (None: no deadline pending)."""
+    def step(self, done: list[Completion], *, spawn: bool = True) -> None:
+        """Hand queued tasks to workers and start missing workers. (Deadlines need nothing
+        from here: each worker's init keeps its running task's deadline.)"""
         if self.broken is not None:
-            return None
-        now = time.monotonic()
-        actions = self.core.schedule(now, spawn=spawn)
+            return
+        actions = self.core.schedule(time.monotonic(), spawn=spawn)
         for slot in actions.spawn:
             try:
-                task_fd, result_fd = self.launcher.spawn(slot.wid)
+                ends = self.launcher.spawn(slot.wid)
             except OSError as exc:
                 self.break_pool(LauncherDiedError(f"cannot reach the launcher: {exc}"), done)
-                return None
-            conn = Conn(slot, task_fd, result_fd)
+                return
+            conn = Conn(slot, ends.task_fd, ends.result_fd, ends.stop_fd, ends.state)
             self.conns[slot.wid] = conn
             self._watch_result(conn)
-            if self.init_payload is not None:
-                conn.out.append(memoryview(encode_frame(Kind.INIT, 0, self.init_payload)))
+            # Always first: the worker says READY only after its initializer ran.
+            conn.out.append(memoryview(encode_frame(Kind.INIT, 0, self.init_payload or b"")))
+            self.flush(conn)
         self._perform(actions)
-        kill, next_due = self.core.heads_to_kill(now)
-        for slot in kill:
-            self.launcher.kill(slot.wid, signal.SIGKILL)
-        return next_due
 
     def close_idle(self, idle_timeout: float) -> None:
         """Let workers that have been idle for ``idle_timeout`` seconds exit."""
@@ -128,40 +143,38 @@ class PoolDriver:
             conn.close_after = True
             self.flush(conn)
 
-    def kill_task(self, task: Task, exc: BaseException) -> str:
-        """Hard-cancel one task: drop it if still queued, else kill its worker's namespace.
+    def kill_task(self, task: Task, exc: BaseException) -> StopAction:
+        """Hard-cancel one task. Queued: it is dropped (DEQUEUED: the caller settles it).
+        Sent: its worker's init is asked to stop it, and the outcome arrives in order with
+        the worker's answers: its result (too late), a SKIPPED frame, or the worker's exit."""
+        how = self.core.stop(task, exc)
+        if how is StopAction.ASK_WORKER:
+            self._tell_init(task.wid, InitMsg(Op.STOP, task.seq, StopReason.KILL))
+        return how
 
-        Returns ``"dequeued"``, ``"killing"`` (its worker is being killed; the task's
-        completion follows the worker's exit), ``"deferred"`` (it waits behind another task in
-        a worker's pipe and is killed the moment it starts) or ``"done"`` (too late)."""
-        found = self.core.take_task(task.id)
-        if found is None:
-            return "done"
-        _, slot = found
-        if slot is None:
-            task.fail_with = exc
-            return "dequeued"
-        self.core.doom(task, exc)
-        if slot.inflight[0] is task:
-            slot.killing = True
-            self.launcher.kill(slot.wid, signal.SIGKILL)
-            return "killing"
-        return "deferred"
+    def _tell_init(self, wid: int, msg: InitMsg) -> None:
+        conn = self.conns.get(wid)
+        if conn is None or conn.stop_fd < 0:
+            return  # the worker is gone: its exit settles its tasks
+        try:
+            os.write(conn.stop_fd, encode_init_msg(msg))
+        except BlockingIOError:
+            # Thousands of unread stops: the init is stuck. Kill the worker whole; its state
+            # block still tells which task ran.
+            self.launcher.kill(wid, signal.SIGKILL)
+        except OSError:
+            pass  # EPIPE: the init is gone; its exit follows
 
     def kill_all(self, sig: int, reason: str) -> list[Completion]:
-        """Signal every worker; fail their tasks and return the queued ones' cancellations."""
-        done: list[Completion] = []
-        for task in self.core.drain_all():
-            if task.started:
-                exc = WorkerDiedError(
-                    f"the task's worker was stopped by {reason}", exitcode=None, signal=sig
-                )
-                done.append((task.handle, None, exc))
-            else:
-                done.append((task.handle, None, None))  # None, None: cancel
+        """Signal the task process of every worker and let no worker take or requeue work;
+        returns the cancellations of the queued tasks. The running tasks' futures settle as
+        their workers exit (a task that already finished keeps its result)."""
+        done: list[Completion] = [(t.handle, None, None) for t in self.core.force(reason)]
         for conn in self.conns.values():
-            conn.kill_reason = reason
-            self.launcher.kill(conn.slot.wid, sig)
+            self._tell_init(conn.slot.wid, InitMsg(Op.SIGNAL, 0, sig))
+            if sig == signal.SIGKILL:
+                # Also straight to the init: a worker still starting has no task loop yet.
+                self.launcher.kill(conn.slot.wid, sig)
         return done
 
     # -- writing ----------------------------------------------------------------------------------
@@ -169,7 +182,8 @@ class PoolDriver:
         for slot, tasks in actions.send:
             conn = self.conns[slot.wid]
             for task in tasks:
-                conn.out.append(memoryview(encode_header(Kind.TASK, task.id, len(task.payload))))
+                head = encode_task_head(task.seq, len(task.payload), task.timeout)
+                conn.out.append(memoryview(head))
                 conn.out.append(memoryview(task.payload))
             self.flush(conn)
         for slot in actions.close:
@@ -185,9 +199,8 @@ class PoolDriver:
                 n = os.writev(conn.task_fd, list(itertools.islice(out, 0, 512)))
             except BlockingIOError:
                 break
-            except OSError:  # EPIPE: the worker is gone; its EXITED message will follow
+            except OSError:  # EPIPE: the task loop is gone; the worker's exit will follow
                 out.clear()
-                self.launcher.kill(conn.slot.wid, signal.SIGKILL)
                 break
             while n:
                 head = out[0]
@@ -205,19 +218,20 @@ class PoolDriver:
             conn.task_fd = -1
 
     # -- reading ----------------------------------------------------------------------------------
-    def on_readable(self, conn: Conn, done: list[Completion]) -> None:
-        """Read what a worker sent and dispatch the complete frames."""
+    def on_readable(self, conn: Conn, done: list[Completion], reads: int | None = 64) -> None:
+        """Read what a worker sent (at most ``reads`` reads; None: all there is) and dispatch
+        the complete frames."""
         decoder = conn.decoder
-        for _ in range(64):
+        count = itertools.count() if reads is None else range(reads)
+        for _ in count:
             try:
                 n = os.readv(conn.result_fd, [decoder.get_buffer()])
             except BlockingIOError:
                 break
             if n == 0:
-                # The worker closed its result pipe: it is exiting, or a task closed the fd.
-                # Make sure it is gone; its EXITED message then settles its tasks.
+                # The task loop and everything it started are gone (or a task closed the
+                # fd): the worker's exit, which the launcher reports, settles the rest.
                 self._close_result(conn)
-                self.launcher.kill(conn.slot.wid, signal.SIGKILL)
                 break
             decoder.buffer_updated(n)
         now = time.monotonic()
@@ -227,9 +241,12 @@ class PoolDriver:
     def _on_frame(self, conn: Conn, frame: Frame, now: float, done: list[Completion]) -> None:
         kind = frame.kind
         if kind is Kind.OK or kind is Kind.ERR:
+            # A result settles its task even if a stop was asked: the stop came too late.
             task = self.core.on_result(conn.slot.wid, frame.ident, now)
-            if task.fail_with is None:
-                done.append((task.handle, kind, frame.payload))
+            done.append((task.handle, kind, frame.payload))
+        elif kind is Kind.SKIPPED:
+            task = self.core.on_skipped(conn.slot.wid, frame.ident, now)
+            done.append((task.handle, None, task.stop_error))
         elif kind is Kind.READY:
             self.core.on_ready(conn.slot.wid, frame.ident, now)
         elif kind is Kind.INIT_FAILED:
@@ -267,27 +284,50 @@ class PoolDriver:
         if conn is None:
             return
         if conn.result_fd >= 0:
-            # Results written just before the exit are still in the pipe: read them first.
-            self.on_readable(conn, done)
+            # Every process of the worker is gone, so what it wrote is all in the pipe, up to
+            # EOF: read it all first, so the exit only decides tasks that got no answer.
+            self.on_readable(conn, done, reads=None)
             self._close_result(conn)
         self._close_task(conn)
+        self._close_stop(conn)
         conn.out.clear()
-        outcome = self.core.on_exit(wid)
+        state = StateBlock(conn.state_map)
+        record = state.read_record()
+        state.release()
+        conn.state_map.close()
+        outcome = self.core.on_exit(
+            wid,
+            WorkerEnd(record.started, record.stopped, record.reason is StopReason.TIMEOUT),
+        )
+        if record.status is not None:
+            status = record.status  # how the task process ended, not its init
         if status is None:
             how, code, sig = f"could not be started ({text})", None, None
         else:
             code, sig, how = describe_wait_status(status)
-        if conn.kill_reason:
-            how += f" (stopped by {conn.kill_reason})"
-        lost = outcome.lost
-        if lost is not None:
-            exc = lost.fail_with or WorkerDiedError(
-                f"the worker (pid {conn.slot.pid or '?'}) running this task {how}; the pool "
-                "replaced it",
-                exitcode=code,
-                signal=sig,
-            )
-            done.append((lost.handle, None, exc))
+        if conn.slot.forced:
+            how += f" (stopped by {conn.slot.forced})"
+        for task, fate in outcome.ended:
+            exc: BaseException | None
+            if fate is Fate.DIED:
+                exc = WorkerDiedError(
+                    f"the worker (pid {conn.slot.pid or '?'}) running this task {how}; the "
+                    "pool replaced it",
+                    exitcode=code,
+                    signal=sig,
+                )
+            elif fate is Fate.TIMED_OUT:
+                exc = TaskTimeoutError(
+                    f"the task ran longer than its {task.timeout:g} s deadline; it and every "
+                    "process it started were killed"
+                )
+            elif fate is Fate.STOPPED:
+                exc = task.stop_error
+            else:  # CANCELLED: it never started
+                exc = task.stop_error or CancelledError(
+                    f"the task never started: its worker was stopped by {conn.slot.forced}"
+                )
+            done.append((task.handle, None, exc))
         if self.core.startup_failing and self.broken is None:
             self.break_pool(
                 LauncherDiedError(f"workers keep dying during start-up: the last one {how}"),
@@ -306,17 +346,24 @@ class PoolDriver:
             os.close(conn.task_fd)
             conn.task_fd = -1
 
+    def _close_stop(self, conn: Conn) -> None:
+        if conn.stop_fd >= 0:
+            os.close(conn.stop_fd)
+            conn.stop_fd = -1
+
     def break_pool(self, exc: BrokenProcessPool, done: list[Completion]) -> None:
         """The pool cannot serve any more: fail every task with ``exc``."""
         self.broken = exc
         for task in self.core.drain_all():
-            done.append((task.handle, None, task.fail_with or exc))
+            done.append((task.handle, None, exc))
 
     def close_all_fds(self) -> None:
-        """Close every worker pipe (the pool is being torn down)."""
+        """Close every worker pipe and state block (the pool is being torn down)."""
         for conn in self.conns.values():
             self._close_result(conn)
             self._close_task(conn)
+            self._close_stop(conn)
+            conn.state_map.close()
         self.conns.clear()
 
     # -- hooks for the fronts ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import mmap
 import os
 import select
 import socket
@@ -16,8 +17,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from ._protocol import Control, Ctl, ProtocolError, decode_control, encode_control
+from ._protocol import (
+    STATE_SIZE,
+    Control,
+    Ctl,
+    ProtocolError,
+    decode_control,
+    encode_control,
+)
 from .errors import LauncherDiedError, NamespaceError, describe_wait_status
 
 _F_SETPIPE_SZ = 1031
@@ -30,6 +39,15 @@ _BOOTSTRAP = (
     "import sys; sys.path.append({parent!r}); import runpy; "
     "runpy.run_module('nspool.launcher', run_name='__main__', alter_sys=True)"
 )
+
+
+class WorkerEnds(NamedTuple):
+    """The program's side of one worker."""
+
+    task_fd: int  #: write end of its task pipe (non-blocking)
+    result_fd: int  #: read end of its result pipe (non-blocking)
+    stop_fd: int  #: write end of its init's stop pipe (non-blocking)
+    state: mmap.mmap  #: its state block
 
 
 @dataclass
@@ -124,25 +142,32 @@ class Launcher:
                 raise LauncherDiedError(msg.text)
             raise ProtocolError(f"unexpected {msg.kind.name} before HELLO")
 
-    def spawn(self, wid: int) -> tuple[int, int]:
-        """Ask for worker ``wid``; returns the program's ends (task write fd, result read fd),
-        both non-blocking."""
+    def spawn(self, wid: int) -> WorkerEnds:
+        """Ask for worker ``wid``; returns the program's ends of its pipes and its state block."""
         task_r, task_w = _pipe()
         result_r, result_w = _pipe()
+        stop_r, stop_w = os.pipe()
+        state_fd = os.memfd_create(f"nspool-worker-{wid}", os.MFD_CLOEXEC)
+        theirs = [task_r, result_w, stop_r, state_fd]
+        ours = [task_w, result_r, stop_w]
         try:
-            socket.send_fds(
-                self.sock, [encode_control(Control(Ctl.SPAWN, wid))], [task_r, result_w]
-            )
+            os.ftruncate(state_fd, STATE_SIZE)
+            state = mmap.mmap(state_fd, STATE_SIZE)
+            try:
+                socket.send_fds(self.sock, [encode_control(Control(Ctl.SPAWN, wid))], theirs)
+            except BaseException:
+                state.close()
+                raise
         except BaseException:
-            for fd in (task_w, result_r):
+            for fd in ours:
                 os.close(fd)
             raise
         finally:
-            os.close(task_r)
-            os.close(result_w)
-        os.set_blocking(task_w, False)
-        os.set_blocking(result_r, False)
-        return task_w, result_r
+            for fd in theirs:
+                os.close(fd)
+        for fd in ours:
+            os.set_blocking(fd, False)
+        return WorkerEnds(task_w, result_r, stop_w, state)
 
     def kill(self, wid: int, sig: int) -> None:
         """Send ``sig`` to worker ``wid`` (SIGKILL takes its whole namespace down)."""

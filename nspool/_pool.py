@@ -1,9 +1,12 @@
 """Pool core: worker slots, the task queue and the task -> worker bookkeeping.
 
 No I/O, no threads, no clocks: the fronts (``executor.py``, ``aio.py``) feed it events (a task
-was submitted, a worker is ready, a result arrived, a worker exited, the time is now ``t``) and
-perform the actions it returns (spawn worker N, send these tasks to worker M, close worker K).
-That keeps every scheduling rule testable without a process.
+was submitted, a worker is ready, a result arrived, a worker exited, a task must stop) and
+perform the actions it returns (spawn worker N, send these tasks to worker M, ask worker K to
+stop task S, close worker J). That keeps every scheduling rule testable without a process.
+
+A task's life is the table ``TRANSITIONS`` below and nothing else: every change of
+``Task.state`` goes through :meth:`PoolCore._move`, which refuses a move the table lacks.
 """
 
 from __future__ import annotations
@@ -15,12 +18,51 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import TaskTimeoutError
+from ._protocol import STATE_SLOTS
 
 
 def default_max_workers() -> int:
     """The stdlib's default: the CPUs this process may use."""
     return max(getattr(os, "process_cpu_count", os.cpu_count)() or 1, 1)
+
+
+class TState(enum.Enum):
+    """Where a task is."""
+
+    QUEUED = "queued"  #: in the pool's queue, in no worker
+    SENT = "sent"  #: written to a worker; its outcome will come from that worker
+    STOPPING = "stopping"  #: sent, and that worker was asked to stop it
+    DONE = "done"  #: left the pool; its front settles it (exactly once)
+
+
+class Ev(enum.Enum):
+    """What happens to a task."""
+
+    SEND = "send"  #: handed to a worker (its seq there is set)
+    STOP = "stop"  #: kill()/cancellation: dequeued, or its worker asked to stop it
+    RESULT = "result"  #: its worker answered it (it ran to the end)
+    SKIP = "skip"  #: its worker skipped it: stopped before it started
+    END = "end"  #: its worker is gone, and it had started (or been stopped) there
+    REQUEUE = "requeue"  #: its worker is gone before it started it: back to the queue
+    DROP = "drop"  #: taken out without running (cancel_futures, shutdown, broken pool)
+
+
+#: The whole life of a task. A stopped task never goes back to the queue; a task that has not
+#: been sent can only be dropped or stopped, which settles it at once.
+TRANSITIONS: dict[tuple[TState, Ev], TState] = {
+    (TState.QUEUED, Ev.SEND): TState.SENT,
+    (TState.QUEUED, Ev.STOP): TState.DONE,
+    (TState.QUEUED, Ev.DROP): TState.DONE,
+    (TState.SENT, Ev.STOP): TState.STOPPING,
+    (TState.SENT, Ev.RESULT): TState.DONE,
+    (TState.SENT, Ev.END): TState.DONE,
+    (TState.SENT, Ev.REQUEUE): TState.QUEUED,
+    (TState.SENT, Ev.DROP): TState.DONE,
+    (TState.STOPPING, Ev.RESULT): TState.DONE,
+    (TState.STOPPING, Ev.SKIP): TState.DONE,
+    (TState.STOPPING, Ev.END): TState.DONE,
+    (TState.STOPPING, Ev.DROP): TState.DONE,
+}
 
 
 class WState(enum.Enum):
@@ -37,27 +79,34 @@ class Task:
     id: int
     payload: bytes
     handle: Any = None
-    #: handed to a worker at least once (its future is running and cannot be cancelled)
-    started: bool = False
-    #: seconds this task may run once its worker starts it (None: no limit)
+    #: seconds this task may run once it starts (None: no limit)
     timeout: float | None = None
-    #: set when the task is being killed (hard cancel, deadline): how its caller is failed
-    fail_with: BaseException | None = None
+    state: TState = TState.QUEUED
+    #: the front's claim succeeded: its future runs and can no longer be cancelled
+    claimed: bool = False
+    #: while SENT or STOPPING: its worker and its seq there (1, 2, ... in the order sent)
+    wid: int = 0
+    seq: int = 0
+    #: how its caller fails if the stop takes effect (set by :meth:`PoolCore.stop`)
+    stop_error: BaseException | None = None
 
 
 @dataclass(eq=False)
 class WorkerSlot:
     wid: int
     state: WState = WState.STARTING
-    #: tasks written to this worker and not yet answered; the head is the one running
+    #: tasks written to this worker and not yet answered, in the order written
     inflight: deque[Task] = field(default_factory=deque)
     #: tasks this worker may still be given (``max_tasks_per_child``); None = unlimited
     budget: int | None = None
     pid: int = 0
     #: when the head of ``inflight`` started, or when the worker went idle
     head_since: float = 0.0
-    #: a kill of this worker was requested (the head task is being stopped)
-    killing: bool = False
+    #: the seq of the last task written to it
+    last_seq: int = 0
+    #: being stopped as a whole (``kill_workers()``...): why; it gets no more tasks, and on its
+    #: exit the tasks it had not started are cancelled instead of requeued
+    forced: str | None = None
 
 
 @dataclass
@@ -73,13 +122,42 @@ class Actions:
         return bool(self.spawn or self.send or self.close)
 
 
+class StopAction(enum.Enum):
+    """What :meth:`PoolCore.stop` did."""
+
+    DEQUEUED = "dequeued"  #: it was queued: it is DONE, settle it now
+    ASK_WORKER = "ask_worker"  #: ask worker ``task.wid`` to stop seq ``task.seq``
+    PENDING = "pending"  #: a stop was already asked; its outcome will come
+    TOO_LATE = "too_late"  #: it had already left the pool
+
+
+@dataclass(frozen=True)
+class WorkerEnd:
+    """What a dead worker left in its state block, as the core needs it."""
+
+    #: seq of the last task the worker started (0: none)
+    started: int = 0
+    #: seq of the task its init stopped (0: none), and whether for its deadline
+    stopped: int = 0
+    timed_out: bool = False
+
+
+class Fate(enum.Enum):
+    """How a task that was in a dead worker ends."""
+
+    STOPPED = "stopped"  #: its stop took effect: fail it with ``task.stop_error``
+    TIMED_OUT = "timed_out"  #: its deadline took effect
+    DIED = "died"  #: it was running when its worker died: WorkerDiedError
+    CANCELLED = "cancelled"  #: it never started and must not run (stopped, or forced down)
+
+
 @dataclass
 class ExitOutcome:
     """What a worker's exit means for its tasks."""
 
     slot: WorkerSlot
-    #: the task it was running when it died (fails), or None if it died idle or on purpose
-    lost: Task | None
+    #: tasks that end with the worker, in the order they were sent
+    ended: list[tuple[Task, Fate]]
     #: tasks it had been given but had not started: they went back to the queue
     requeued: int
     #: whether it died before it ever became ready
@@ -114,8 +192,8 @@ class PoolCore:
             raise ValueError("max_workers must be greater than 0")
         if max_tasks_per_child is not None and max_tasks_per_child < 1:
             raise ValueError("max_tasks_per_child must be >= 1")
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
+        if not 1 <= max_batch < STATE_SLOTS:
+            raise ValueError(f"max_batch must be >= 1 and < {STATE_SLOTS}")
         self.max_workers = max_workers
         self.max_tasks_per_child = max_tasks_per_child
         self.claim = claim
@@ -127,8 +205,6 @@ class PoolCore:
         self.avg_task_time: float | None = None
         self._next_wid = 1
         self._startup_failures = 0
-        #: tasks in the pool with a deadline or a pending kill: heads_to_kill has work only then
-        self.watched = 0
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -143,23 +219,26 @@ class PoolCore:
             return 1
         return max(1, min(self.max_batch, int(self.batch_window / max(avg, 1e-7))))
 
+    @property
+    def startup_failing(self) -> bool:
+        """Workers keep dying before they become ready: spawning more would only loop."""
+        return self._startup_failures >= self.max_startup_failures
+
+    # -- the one place a task changes state ---------------------------------------------------
+    @staticmethod
+    def _move(task: Task, ev: Ev) -> None:
+        new = TRANSITIONS.get((task.state, ev))
+        if new is None:
+            raise RuntimeError(f"task {task.id}: no transition from {task.state.name} on {ev.name}")
+        task.state = new
+        if new is TState.QUEUED:
+            task.wid = task.seq = 0
+
     # -- events -------------------------------------------------------------------------------
     def submit(self, task: Task) -> None:
-        if task.timeout is not None:
-            self.watched += 1
+        if task.state is not TState.QUEUED:
+            raise RuntimeError(f"task {task.id} submitted twice")
         self.queue.append(task)
-
-    def _leave(self, task: Task) -> Task:
-        """A task leaves the pool (answered, lost or drained)."""
-        if task.timeout is not None or task.fail_with is not None:
-            self.watched -= 1
-        return task
-
-    def doom(self, task: Task, exc: BaseException) -> None:
-        """Mark a task to be failed with ``exc`` (and its worker killed if it runs)."""
-        if task.timeout is None and task.fail_with is None:
-            self.watched += 1
-        task.fail_with = exc
 
     def on_ready(self, wid: int, pid: int, now: float) -> None:
         slot = self.workers[wid]
@@ -169,76 +248,82 @@ class PoolCore:
         slot.head_since = now
         self._startup_failures = 0
 
-    def on_result(self, wid: int, task_id: int, now: float) -> Task:
-        """A worker answered its head task; returns it. Updates the service-time estimate."""
+    def _answered(self, wid: int, seq: int, ev: Ev) -> Task:
         slot = self.workers[wid]
-        if not slot.inflight or slot.inflight[0].id != task_id:
-            expected = slot.inflight[0].id if slot.inflight else None
-            raise RuntimeError(f"worker {wid} answered task {task_id}, expected {expected}")
-        task = self._leave(slot.inflight.popleft())
+        if not slot.inflight or slot.inflight[0].seq != seq:
+            expected = slot.inflight[0].seq if slot.inflight else None
+            raise RuntimeError(f"worker {wid} answered task seq {seq}, expected {expected}")
+        task = slot.inflight.popleft()
+        self._move(task, ev)
+        return task
+
+    def on_result(self, wid: int, seq: int, now: float) -> Task:
+        """A worker answered its oldest task; returns it. Updates the service-time estimate."""
+        task = self._answered(wid, seq, Ev.RESULT)
+        slot = self.workers[wid]
         took = max(now - slot.head_since, 0.0)
         avg = self.avg_task_time
         self.avg_task_time = took if avg is None else avg + 0.2 * (took - avg)
         slot.head_since = now
         return task
 
-    def on_exit(self, wid: int) -> ExitOutcome:
-        """A worker is gone. Its running task is lost; tasks it had not started are requeued."""
+    def on_skipped(self, wid: int, seq: int, now: float) -> Task:
+        """A worker skipped its oldest task (stopped before it started); returns it."""
+        task = self._answered(wid, seq, Ev.SKIP)
+        self.workers[wid].head_since = now
+        return task
+
+    def stop(self, task: Task, exc: BaseException) -> StopAction:
+        """Stop ``task`` wherever it is; ``exc`` is how its caller fails if the stop wins."""
+        if task.state is TState.DONE:
+            return StopAction.TOO_LATE
+        if task.state is TState.STOPPING:
+            return StopAction.PENDING
+        task.stop_error = exc
+        if task.state is TState.QUEUED:
+            self.queue.remove(task)
+            self._move(task, Ev.STOP)
+            return StopAction.DEQUEUED
+        self._move(task, Ev.STOP)
+        return StopAction.ASK_WORKER
+
+    def on_exit(self, wid: int, end: WorkerEnd) -> ExitOutcome:
+        """A worker is gone (its answers are all in). Decide each task it still held, from what
+        its state block says: stopped by its init, running when it died, or never started."""
         slot = self.workers.pop(wid)
         during_startup = slot.state is WState.STARTING
         slot.state = WState.DEAD
-        lost = self._leave(slot.inflight.popleft()) if slot.inflight else None
-        rest = list(slot.inflight)
+        ended: list[tuple[Task, Fate]] = []
+        requeue: list[Task] = []
+        for task in slot.inflight:
+            if end.stopped and task.seq == end.stopped:
+                fate = Fate.TIMED_OUT if end.timed_out else Fate.STOPPED
+            elif task.seq <= end.started:
+                fate = Fate.DIED
+            elif task.state is TState.STOPPING or slot.forced is not None:
+                fate = Fate.CANCELLED
+            else:
+                self._move(task, Ev.REQUEUE)
+                requeue.append(task)
+                continue
+            if fate is Fate.STOPPED and task.stop_error is None:
+                fate = Fate.DIED  # never asked for: the worker reported nonsense
+            elif fate is Fate.DIED and task.stop_error is not None:
+                fate = Fate.STOPPED  # asked to stop, and it did stop (its worker died)
+            self._move(task, Ev.END)
+            ended.append((task, fate))
         slot.inflight.clear()
-        self.queue.extendleft(reversed(rest))
+        self.queue.extendleft(reversed(requeue))
         if during_startup:
             self._startup_failures += 1
-        return ExitOutcome(slot, lost, len(rest), during_startup)
+        return ExitOutcome(slot, ended, len(requeue), during_startup)
 
-    @property
-    def startup_failing(self) -> bool:
-        """Workers keep dying before they become ready: spawning more would only loop."""
-        return self._startup_failures >= self.max_startup_failures
-
-    def take_task(self, task_id: int) -> tuple[Task, WorkerSlot | None] | None:
-        """Find a task by id: drop it from the queue, or tell which worker holds it."""
-        for t in self.queue:
-            if t.id == task_id:
-                self.queue.remove(t)
-                return self._leave(t), None
+    def force(self, reason: str) -> list[Task]:
+        """Every worker is being stopped as a whole (``kill_workers()``...): they get no more
+        tasks and requeue nothing. Returns the queued tasks, dropped."""
         for w in self.workers.values():
-            for t in w.inflight:
-                if t.id == task_id:
-                    return t, w
-        return None
-
-    def heads_to_kill(self, now: float) -> tuple[list[WorkerSlot], float | None]:
-        """Workers whose running task must be stopped now (hard-cancelled, or past its
-        deadline), and the next moment a deadline falls due (None if none is pending).
-
-        A task that was hard-cancelled while it waited in a worker's pipe is stopped the moment
-        it becomes that worker's head: the tasks behind it are requeued, not lost."""
-        kill: list[WorkerSlot] = []
-        next_due: float | None = None
-        if not self.watched:
-            return kill, next_due
-        for w in self.workers.values():
-            if not w.inflight or w.killing or w.state is WState.STARTING:
-                continue
-            head = w.inflight[0]
-            if head.fail_with is None and head.timeout is not None:
-                due = w.head_since + head.timeout
-                if now >= due:
-                    head.fail_with = TaskTimeoutError(
-                        f"the task ran longer than its {head.timeout:g} s deadline; its "
-                        "worker and every process it started were killed"
-                    )
-                else:
-                    next_due = due if next_due is None else min(next_due, due)
-            if head.fail_with is not None:
-                w.killing = True
-                kill.append(w)
-        return kill, next_due
+            w.forced = reason
+        return self.drain_queue()
 
     def idle_workers(self, now: float, idle_timeout: float) -> list[WorkerSlot]:
         """Ready workers idle for ``idle_timeout`` seconds while nothing is queued: they are
@@ -254,35 +339,41 @@ class PoolCore:
 
     def drain_queue(self) -> list[Task]:
         """Remove and return every queued (not yet sent) task."""
-        tasks = [self._leave(t) for t in self.queue]
+        tasks = list(self.queue)
         self.queue.clear()
+        for t in tasks:
+            self._move(t, Ev.DROP)
         return tasks
 
     def drain_all(self) -> list[Task]:
         """Remove and return every task, queued or in flight (the pool is going away)."""
         tasks = self.drain_queue()
         for w in self.workers.values():
-            tasks.extend(self._leave(t) for t in w.inflight)
+            for t in w.inflight:
+                self._move(t, Ev.DROP)
+                tasks.append(t)
             w.inflight.clear()
         return tasks
 
     def cancel_queued(self) -> list[Task]:
         """Remove and return queued tasks never handed to a worker (``cancel_futures``);
         tasks requeued after their worker died are already running and stay."""
-        keep = [t for t in self.queue if t.started]
-        dropped = [self._leave(t) for t in self.queue if not t.started]
+        keep = [t for t in self.queue if t.claimed]
+        dropped = [t for t in self.queue if not t.claimed]
         self.queue.clear()
         self.queue.extend(keep)
+        for t in dropped:
+            self._move(t, Ev.DROP)
         return dropped
 
     def _claim_next(self) -> Task | None:
         queue = self.queue
         while queue:
             task = queue.popleft()
-            if task.started or self.claim(task):
-                task.started = True
+            if task.claimed or self.claim(task):
+                task.claimed = True
                 return task
-            self._leave(task)
+            self._move(task, Ev.DROP)
         return None
 
     # -- decisions ----------------------------------------------------------------------------
@@ -291,13 +382,12 @@ class PoolCore:
         actions = Actions()
         queue = self.queue
         if queue:
-            # A worker being killed gets nothing more: it would only be requeued.
             cap = self.depth()
             room = [
                 w
                 for w in self.workers.values()
                 if w.state is WState.READY
-                and not w.killing
+                and w.forced is None
                 and len(w.inflight) < cap
                 and w.budget != 0
             ]
@@ -316,6 +406,9 @@ class PoolCore:
                             break
                         if not w.inflight:
                             w.head_since = now
+                        self._move(task, Ev.SEND)
+                        w.last_seq += 1
+                        task.wid, task.seq = w.wid, w.last_seq
                         w.inflight.append(task)
                         batches.setdefault(w.wid, []).append(task)
                         if w.budget is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 Payload = bytes | bytearray | memoryview
 
@@ -36,12 +36,20 @@ MAX_PAYLOAD = 1 << 40
 class Kind(enum.IntEnum):
     """What a data frame carries."""
 
-    TASK = 1  #: program -> worker: ident = task id, payload = pickled (fn, args, kwargs)
-    INIT = 2  #: program -> worker: payload = pickled (initializer, initargs)
-    OK = 3  #: worker -> program: ident = task id, payload = pickled result
-    ERR = 4  #: worker -> program: ident = task id, payload = pickled error record
-    READY = 5  #: worker -> program: ident = the worker's PID as the program sees it
+    TASK = 1  #: program -> worker: ident = seq, payload = pickled (fn, args, kwargs)
+    INIT = 2  #: program -> worker, always first: payload = pickled (initializer, initargs) or b""
+    OK = 3  #: worker -> program: ident = seq, payload = pickled result
+    ERR = 4  #: worker -> program: ident = seq, payload = pickled error record
+    READY = 5  #: worker -> program, after the initializer: ident = its PID as the program sees it
     INIT_FAILED = 6  #: worker -> program: payload = UTF-8 traceback of the initializer
+    SKIPPED = 7  #: worker -> program: ident = seq of a task stopped before it started
+    TIMED_TASK = 8  #: as TASK, the payload prefixed by the deadline in seconds (little-endian f64)
+
+
+#: A task's ``ident`` is its *seq*: 1, 2, 3... in the order the program wrote tasks to that
+#: worker. Results answer in the same order, and stop requests name a task by its seq.
+
+TIMEOUT_PREFIX = struct.Struct("<d")
 
 
 class Frame(NamedTuple):
@@ -57,6 +65,25 @@ class ProtocolError(Exception):
 def encode_header(kind: Kind, ident: int, payload_len: int) -> bytes:
     """The header for a payload of ``payload_len`` bytes (send the payload right after it)."""
     return HEADER.pack(payload_len, kind, ident)
+
+
+def encode_task_head(seq: int, payload_len: int, timeout: float | None) -> bytes:
+    """What goes before a pickled task: its header, plus the deadline when it has one."""
+    if timeout is None:
+        return HEADER.pack(payload_len, Kind.TASK, seq)
+    return HEADER.pack(payload_len + TIMEOUT_PREFIX.size, Kind.TIMED_TASK, seq) + (
+        TIMEOUT_PREFIX.pack(timeout)
+    )
+
+
+def split_task(frame: Frame) -> tuple[float | None, memoryview]:
+    """A TASK or TIMED_TASK frame's deadline (None: none) and pickled call."""
+    view = memoryview(frame.payload)
+    if frame.kind is Kind.TIMED_TASK:
+        if len(view) < TIMEOUT_PREFIX.size:
+            raise ProtocolError("TIMED_TASK frame too short for its deadline")
+        return TIMEOUT_PREFIX.unpack_from(view)[0], view[TIMEOUT_PREFIX.size :]
+    return None, view
 
 
 def encode_frame(kind: Kind, ident: int, payload: Payload = b"") -> bytes:
@@ -216,3 +243,126 @@ def decode_control(packet: bytes) -> Control:
     except ValueError:
         raise ProtocolError(f"unknown control kind {kind}") from None
     return Control(ctl, wid, value, packet[CONTROL.size :].decode("utf-8", "replace"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker messages: program -> a worker's init (its stop pipe), task loop -> init (notify pipe)
+# ---------------------------------------------------------------------------------------------
+
+#: op (u8), seq (u64), value (i64); 17 bytes, so a write is atomic (< PIPE_BUF)
+INIT_MSG = struct.Struct("<BQq")
+
+
+class Op(enum.IntEnum):
+    """What a message to a worker's init asks."""
+
+    STOP = 1  #: program: stop task ``seq`` (value = StopReason) if it has not finished
+    SIGNAL = 2  #: program: send signal ``value`` to the task process
+    DEADLINE = 3  #: task loop: task ``seq`` started; stop it at monotonic ns ``value``
+
+
+class StopReason(enum.IntEnum):
+    NONE = 0
+    KILL = 1  #: the program asked (hard cancel)
+    TIMEOUT = 2  #: the task ran past its deadline
+
+
+class InitMsg(NamedTuple):
+    op: Op
+    seq: int
+    value: int = 0
+
+
+def encode_init_msg(msg: InitMsg) -> bytes:
+    return INIT_MSG.pack(msg.op, msg.seq, msg.value)
+
+
+def decode_init_msgs(data: bytes) -> tuple[list[InitMsg], bytes]:
+    """Whole messages in ``data`` and the bytes left over (a message split across reads)."""
+    out = []
+    n = len(data) - len(data) % INIT_MSG.size
+    for off in range(0, n, INIT_MSG.size):
+        op, seq, value = INIT_MSG.unpack_from(data, off)
+        try:
+            out.append(InitMsg(Op(op), seq, value))
+        except ValueError:
+            raise ProtocolError(f"unknown init op {op}") from None
+    return out, data[n:]
+
+
+# ---------------------------------------------------------------------------------------------
+# A worker's state block: one small shared-memory file per worker (a memfd the program makes),
+# mapped by the program, the worker's init and its task loop; an array of native u64 words
+# ---------------------------------------------------------------------------------------------
+#
+#   word 0   started   seq << 1 | running: the task loop stores it just before a task runs and
+#                      again (running = 0) just after it returns; seqs only grow
+#   word 1   recorded  1 once the init stored the three words below (it then exits)
+#   word 2   status    the task loop's wait status
+#   word 3   stopped   seq of the task the init stopped (0: none)
+#   word 4   reason    why (StopReason)
+#   word 8.. doomed    slot ``8 + seq % STATE_SLOTS`` holds ``seq`` if that task must be skipped
+#
+# Every access is one aligned 8-byte load or store (memoryview items), so no word is ever
+# seen half-written. The init decides anything from the block only while the task loop is
+# stopped (SIGSTOP + waitpid) or dead, and the program reads it once every process of the
+# worker is gone.
+
+_HEADER_WORDS = 8
+#: doom slots: more than the tasks one worker may hold (PoolCore caps ``max_batch`` below it)
+STATE_SLOTS = 4096
+STATE_SIZE = 8 * (_HEADER_WORDS + STATE_SLOTS)
+
+
+class ExitRecord(NamedTuple):
+    """What the program learns from a dead worker's state block."""
+
+    started: int  #: seq of the last task the loop started (0: none)
+    running: bool  #: whether that task was still running
+    status: int | None  #: the task loop's wait status, if the init recorded it
+    stopped: int  #: seq of the task the init stopped on request or deadline (0: none)
+    reason: StopReason
+
+
+class StateBlock:
+    """Typed access to a worker's state block (``buf``: a writable buffer of STATE_SIZE)."""
+
+    __slots__ = ("words",)
+
+    def __init__(self, buf: Any) -> None:
+        self.words = memoryview(buf).cast("B").cast("Q")
+        if len(self.words) * 8 < STATE_SIZE:
+            raise ValueError(f"state block of {len(self.words) * 8} bytes, need {STATE_SIZE}")
+
+    def release(self) -> None:
+        """Drop the view (the mapping under it can then be closed)."""
+        self.words.release()
+
+    def set_started(self, seq: int, running: bool) -> None:
+        self.words[0] = seq << 1 | running
+
+    def started(self) -> tuple[int, bool]:
+        word = self.words[0]
+        return word >> 1, bool(word & 1)
+
+    def doom(self, seq: int) -> None:
+        self.words[_HEADER_WORDS + seq % STATE_SLOTS] = seq
+
+    def is_doomed(self, seq: int) -> bool:
+        return bool(self.words[_HEADER_WORDS + seq % STATE_SLOTS] == seq)
+
+    def write_record(self, status: int, stopped: int, reason: StopReason) -> None:
+        w = self.words
+        w[2], w[3], w[4] = status & 0xFFFFFFFF, stopped, int(reason)
+        w[1] = 1
+
+    def read_record(self) -> ExitRecord:
+        started, running = self.started()
+        w = self.words
+        if not w[1]:
+            return ExitRecord(started, running, None, 0, StopReason.NONE)
+        try:
+            reason = StopReason(w[4])
+        except ValueError:
+            reason = StopReason.NONE
+        return ExitRecord(started, running, w[2], w[3], reason)

@@ -91,11 +91,13 @@ def load_error(payload: Any) -> BaseException:
     """Rebuild a task's exception with the worker traceback as ``__cause__``."""
     try:
         exc, tb = loads(payload)
-    except Exception as uerr:  # noqa: BLE001
-        return TaskUnpicklingError(
+    except BaseException as uerr:  # noqa: BLE001 - SystemExit too: it fails this future only
+        err = TaskUnpicklingError(
             f"the task raised an exception that could not be unpickled here: "
             f"{type(uerr).__name__}: {uerr}"
         )
+        err.__cause__ = uerr
+        return err
     if not isinstance(exc, BaseException):
         return TaskUnpicklingError(f"the worker sent {type(exc).__name__}, not an exception")
     exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
@@ -103,10 +105,11 @@ def load_error(payload: Any) -> BaseException:
 
 
 def load_result(payload: Any) -> Any:
-    """Unpickle a result; raise :class:`TaskUnpicklingError` if that fails."""
+    """Unpickle a result; raise :class:`TaskUnpicklingError` if that fails in any way (a
+    ``SystemExit`` from a ``__reduce__`` too: it fails this future, not the program)."""
     try:
         return loads(payload)
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001
         raise TaskUnpicklingError(
             f"the task's result could not be unpickled here: {type(exc).__name__}: {exc}"
         ) from exc

@@ -20,7 +20,7 @@ import sniffio
 from . import _serialize
 from ._driver import Completion, Conn, PoolDriver
 from ._launch import LaunchConfig, Launcher
-from ._pool import PoolCore, Task, default_max_workers
+from ._pool import PoolCore, StopAction, Task, default_max_workers
 from ._protocol import Kind
 from .errors import BrokenProcessPool
 
@@ -30,6 +30,8 @@ T = TypeVar("T")
 
 #: idle workers of the default pool exit after this many seconds (as anyio.to_process)
 DEFAULT_IDLE_TIMEOUT = 300.0
+#: longest a cancelled call waits for its stop's outcome (only a bug could make it wait)
+STOP_GUARD = 60.0
 
 
 class _Waiter:
@@ -209,9 +211,12 @@ class AsyncPool:
         except BaseException:
             if not waiter.event.is_set():
                 how = engine.kill_task(task, _CallCancelled())
-                if how == "killing":
-                    # Propagate the cancellation only once the worker's tree is gone.
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                if how is StopAction.ASK_WORKER or how is StopAction.PENDING:
+                    # Propagate the cancellation once the stop took effect (the task and its
+                    # tree are gone, or it was skipped) or the task finished first: its
+                    # worker's init answers within milliseconds. The bound only guards
+                    # against a bug; it is never the normal path.
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_GUARD):
                         await waiter.event.wait()
             raise
         return waiter.outcome()  # type: ignore[no-any-return]

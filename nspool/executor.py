@@ -27,9 +27,9 @@ from . import _serialize
 from ._chunks import process_chunk
 from ._driver import Completion, Conn, PoolDriver
 from ._launch import LaunchConfig, Launcher
-from ._pool import PoolCore, Task
+from ._pool import PoolCore, StopAction, Task
 from ._protocol import Kind
-from .errors import BrokenProcessPool, LauncherDiedError, TaskPicklingError
+from .errors import BrokenProcessPool, TaskPicklingError, TaskUnpicklingError
 
 __all__ = ["NSPoolExecutor"]
 
@@ -94,8 +94,8 @@ class _Engine(PoolDriver):
             done: list[Completion] = []
             self.step(done, spawn=False)
             assert not done  # only spawning can fail the pool
-        if (core.queue and len(core.workers) < core.max_workers) or task.timeout is not None:
-            self.wake()  # the I/O thread starts workers and keeps the deadline clock
+        if core.queue and len(core.workers) < core.max_workers:
+            self.wake()  # the I/O thread starts workers
 
     # -- hooks ------------------------------------------------------------------------------------
     def _watch_result(self, conn: Conn) -> None:
@@ -116,11 +116,11 @@ class _Engine(PoolDriver):
 
     # -- the I/O thread -------------------------------------------------------------------------
     def _run(self) -> None:
-        timeout: float | None = None
+        done: list[Completion] = []
         try:
             while True:
-                events = self.sel.select(timeout)
-                done: list[Completion] = []
+                events = self.sel.select()
+                done = []
                 with self.lock:
                     for key, _ in events:
                         what = key.data
@@ -139,18 +139,21 @@ class _Engine(PoolDriver):
                     for conn in list(self.conns.values()):
                         if conn.out and not conn.writing:
                             self.flush(conn)
-                    next_due = self.step(done)
+                    self.step(done)
                     finished = self.broken is not None or (
                         self.shutdown_requested and self.core.idle
                     )
-                    timeout = None if next_due is None else max(next_due - time.monotonic(), 0)
                 _complete(done)
                 if finished:
                     break
         except BaseException as exc:  # noqa: BLE001 - a bug here must not hang the program
             with self.lock:
                 if self.broken is None:
-                    self.broken = LauncherDiedError(f"nspool's I/O thread failed: {exc!r}")
+                    self.broken = BrokenProcessPool(
+                        f"nspool's I/O thread failed, so the pool stopped (a bug in nspool; "
+                        f"please report it): {type(exc).__name__}: {exc}"
+                    )
+            _complete(done)  # what it had learned still settles (InvalidStateError if twice)
             raise
         finally:
             self._teardown()
@@ -196,11 +199,12 @@ def _complete(done: list[Completion]) -> None:
     for fut, kind, value in done:
         try:
             if value is None and kind is None:
-                fut.cancel()
+                if not fut.cancel():  # already running: fail it the same way
+                    fut.set_exception(CancelledError("the task was cancelled before it ran"))
             elif kind is Kind.OK:
                 try:
                     result = _serialize.load_result(value)
-                except Exception as exc:  # noqa: BLE001
+                except TaskUnpicklingError as exc:
                     fut.set_exception(exc)
                 else:
                     fut.set_result(result)
@@ -246,35 +250,39 @@ class NSFuture(Future[T]):
     _nspool: tuple[_Engine, weakref.ref[Task]] | None = None
 
     def kill(self, timeout: float | None = 10.0) -> bool:
-        """Hard-cancel: stop this task even if it is running.
+        """Hard-cancel: stop this task even if it is running, and wait for the outcome.
 
-        A queued task is cancelled (as by ``cancel()``). A running task's worker is killed
-        together with its whole PID namespace (every process the task started), the future
-        fails with ``CancelledError``, and the pool replaces the worker; with ``timeout``, this
-        waits until that is done. Returns False if the task had already finished.
+        A queued task is cancelled (as by ``cancel()``). A task in a worker is stopped
+        exactly: if it runs, its worker's init kills it with every process it started (the
+        pool replaces the worker); if it waits in the worker behind others, the worker skips
+        it. The future then fails with ``CancelledError``. If the task finished before the
+        stop could take effect, the future keeps its result.
+
+        Returns True if this call stopped the task, False if the task had already finished
+        (or was stopped before). Waits at most ``timeout`` seconds (None: as long as it
+        takes) for the outcome and raises ``TimeoutError`` if it is still unknown then; called
+        from a callback on nspool's I/O thread it cannot wait and returns True once the stop
+        is asked.
         """
         if self._nspool is None or self.done():
             return False
         engine, task_ref = self._nspool
+        stop = CancelledError("the task was killed by Future.kill()")
         with engine.lock:
             task = task_ref()
             if task is None or self.done():
                 return False
-            how = engine.kill_task(task, CancelledError("the task was killed by Future.kill()"))
-            if how == "dequeued" and not task.started:
-                settle: list[Completion] = [(self, None, None)]
-            elif how == "dequeued":
-                settle = [(self, None, task.fail_with)]
-            else:
-                settle = []
-        _complete(settle)
-        if (
-            how == "killing"
-            and timeout is not None
-            and threading.current_thread() is not (engine.thread)
-        ):
-            wait([self], timeout)
-        return how != "done"
+            how = engine.kill_task(task, stop)
+        if how is StopAction.TOO_LATE:
+            return False
+        if how is StopAction.DEQUEUED:
+            # Never sent: settle it here (cancel() fails only if it was already claimed).
+            _complete([(self, None, None if not task.claimed else stop)])
+        elif threading.current_thread() is engine.thread:
+            return how is StopAction.ASK_WORKER
+        elif not wait([self], timeout).done:
+            raise TimeoutError(f"the task's stop had no outcome within {timeout} s")
+        return self.cancelled() or self.exception() is stop
 
 
 class NSPoolExecutor(Executor):

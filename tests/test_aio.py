@@ -216,4 +216,5 @@ async def test_many_cancellations_do_not_break_the_pool() -> None:
 async def test_private_proc_in_the_async_front() -> None:
     async with nspool.open_pool(max_workers=1, private_proc=True) as pool:
         alone, with_child = await pool.run(tasks.proc_view)
-        assert (alone, with_child) == ([1], [1, 2])
+        assert len(alone) == 2 and alone[0] == 1  # the init, and the task itself
+        assert len(with_child) == 3 and with_child[:2] == alone

@@ -33,7 +33,7 @@ def test_doctor_reports_a_working_machine() -> None:
         "apparmor_restrict_unprivileged_userns",
         "live: user namespace",
         "live: PID namespace",
-        "live: pool, task as PID 1                     ok",
+        "live: pool, task at a unique PID              ok",
         "live: private /proc",
         "verdict: nspool works here",
     ):

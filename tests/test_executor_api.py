@@ -405,8 +405,8 @@ def test_a_killed_task_queued_behind_another_in_a_worker_never_blocks_the_rest()
 def test_private_proc_shows_only_the_workers_own_tree() -> None:
     with NSPoolExecutor(1, private_proc=True) as pool:
         alone, with_child = pool.submit(tasks.proc_view).result()
-        assert alone == [1]
-        assert with_child == [1, 2]
+        assert len(alone) == 2 and alone[0] == 1  # the init, and the task itself
+        assert len(with_child) == 3 and with_child[:2] == alone
         assert len(pool.worker_pids()) == 1 and pool.worker_pids()[0] != 1  # host PID known
     with NSPoolExecutor(1) as pool:
         alone, _ = pool.submit(tasks.proc_view).result()

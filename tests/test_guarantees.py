@@ -38,6 +38,11 @@ def _owner(mode: str, **popen: Any) -> Iterator[subprocess.Popen[str]]:
             owner.kill()
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[1])
+
+
 def _ns_pids(pid: int) -> list[int]:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -46,16 +51,21 @@ def _ns_pids(pid: int) -> list[int]:
     return []
 
 
-def test_each_worker_is_pid_1_of_its_own_namespace() -> None:
+def test_each_worker_is_its_own_namespace_under_an_init() -> None:
+    """Each worker is a PID namespace whose PID 1 is an init; the task runs in its only child,
+    at the init's host PID (unique on the machine), not as PID 1."""
     with NSPoolExecutor(2) as ex:
-        a = ex.submit(tasks.ns_pid_and_host_pid).result()
-        assert a[0] == 1
+        list(ex.map(tasks.square, range(100)))  # both workers up
+        ns_pid, host = ex.submit(tasks.ns_pid_and_host_pid).result()
         ns_of = {p: os.readlink(f"/proc/{p}/ns/pid") for p in ex.worker_pids()}
-        assert a[1] in ns_of
-        # Different worker namespaces, none of them ours.
+        assert host in ns_of and len(set(ns_of.values())) == len(ns_of) == 2
         assert os.readlink("/proc/self/ns/pid") not in ns_of.values()
         for pid in ex.worker_pids():
-            assert _ns_pids(pid)[-1] == 1
+            init = _parent(pid)
+            assert _ns_pids(init)[-1] == 1
+            assert os.readlink(f"/proc/{init}/ns/pid") == ns_of[pid]
+            assert _ns_pids(pid)[-1] == init  # placed at the init's host PID
+        assert ns_pid == _parent(host)
 
 
 def test_guarantee1_shutdown_leaves_nothing_alive() -> None:
@@ -311,9 +321,9 @@ def test_zombies_do_not_accumulate_across_tasks() -> None:
     with NSPoolExecutor(1, kill_leftovers=False) as ex:
         for _ in range(5):
             worker = ex.submit(tasks.leave_orphan_zombie).result()
-        # Each task's orphans were reaped when it ended; only this task's own view remains.
+        # The task's own zombie child was reaped when it ended, its orphans by the init.
         assert ex.submit(tasks.children_states).result() == []
-        assert "Z" not in descendants(worker).values()
+        assert "Z" not in descendants(_parent(worker)).values()
 
 
 def test_subprocess_in_a_task_keeps_its_exit_code() -> None:

@@ -93,6 +93,8 @@ def test_kind_wire_values_are_fixed() -> None:
         "ERR": 4,
         "READY": 5,
         "INIT_FAILED": 6,
+        "SKIPPED": 7,
+        "TIMED_TASK": 8,
     }
 
 
@@ -403,7 +405,7 @@ def test_pending_bytes_counts_big_frame_header() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", [0, 7, 100, 255])
+@pytest.mark.parametrize("kind", [0, 9, 100, 255])
 def test_unknown_kind_raises(kind: int) -> None:
     decoder = FrameDecoder()
     with pytest.raises(ProtocolError, match="kind"):

@@ -1,6 +1,8 @@
 """The launcher: an exec'd, single-threaded fork server (``python -m nspool.launcher``).
 
-Its pieces, one concern each: ``_syscalls`` (unshare/setns/prctl/mount), ``_forkserver``
-(PID 1 of the pool namespace, forks workers), ``_worker`` (PID 1 of a worker namespace, runs
-tasks), and ``__main__`` (the outer process: creates the pool namespace, explains failures).
+Its pieces, one file per process role: ``__main__`` (the outer process: creates the pool
+namespace, explains failures), ``_forkserver`` (PID 1 of the pool namespace, forks workers),
+``_init`` (PID 1 of a worker namespace: reaps, stops tasks exactly, relays signals) and
+``_taskloop`` (its only child, an ordinary process that runs the tasks); plus ``_syscalls``
+(unshare/setns/prctl/mount/ns_last_pid) and ``_explain`` (what a refusal means).
 """

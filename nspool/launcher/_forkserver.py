@@ -1,5 +1,5 @@
 """The fork server: PID 1 of the pool's PID namespace, single-threaded, forking one worker per
-SPAWN request, each as PID 1 of a fresh nested PID namespace.
+SPAWN request: the init (``_init``) of a fresh nested PID namespace, which forks the task loop.
 
 It exits when the program's control socket reaches EOF (the program closed it or died, even by
 ``kill -9``), when the outer launcher dies (parent-death signal and a lifeline pipe), or on any
@@ -21,7 +21,7 @@ from typing import NoReturn
 from .._protocol import Control, Ctl, ProtocolError, decode_control, encode_control
 from . import _syscalls
 from ._explain import explain_private_proc
-from ._worker import WorkerOptions, mount_private_proc
+from ._taskloop import WorkerOptions, mount_private_proc
 
 
 class ForkServer:
@@ -110,40 +110,39 @@ class ForkServer:
         return err or None
 
     def spawn(self, wid: int, fds: list[int]) -> None:
-        if len(fds) != 2:
+        if len(fds) != 4:
             for fd in fds:
                 os.close(fd)
-            self.send(Control(Ctl.SPAWN_FAILED, wid, 0, f"SPAWN carried {len(fds)} fds, not 2"))
+            self.send(Control(Ctl.SPAWN_FAILED, wid, 0, f"SPAWN carried {len(fds)} fds, not 4"))
             return
-        task_fd, result_fd = fds
         try:
             pid = self.fork_pid1()
         except OSError as exc:
-            os.close(task_fd)
-            os.close(result_fd)
+            for fd in fds:
+                os.close(fd)
             self.send(Control(Ctl.SPAWN_FAILED, wid, exc.errno or 0, str(exc)))
             return
         if pid == 0:
-            self._become_worker(task_fd, result_fd)
-        os.close(task_fd)
-        os.close(result_fd)
+            self._become_init(fds)
+        for fd in fds:
+            os.close(fd)
         self.pids[pid] = wid
         self.wids[wid] = pid
 
-    def _become_worker(self, task_fd: int, result_fd: int) -> NoReturn:
+    def _become_init(self, fds: list[int]) -> NoReturn:
         try:
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
                 signal.signal(sig, signal.SIG_DFL)
             self.ctrl.close()
             for fd in (self.lifeline, self.wake_r, self.wake_w, self.own_pidns):
                 os.close(fd)
-            os.set_inheritable(task_fd, False)
-            os.set_inheritable(result_fd, False)
-            _syscalls.set_process_name("nspool-worker")
-            from . import _worker
+            for fd in fds:
+                os.set_inheritable(fd, False)
+            from . import _init
 
-            _worker.main(task_fd, result_fd, self.options)
+            task_fd, result_fd, stop_fd, state_fd = fds
+            _init.run(task_fd, result_fd, stop_fd, state_fd, self.options)
         finally:
             os._exit(70)
 
@@ -180,7 +179,8 @@ def run(ctrl: socket.socket, lifeline: int, config: dict[str, object]) -> NoRetu
         # What every worker needs, imported once here so that workers fork warm.
         for name in [
             "cloudpickle",
-            "nspool.launcher._worker",
+            "nspool.launcher._init",
+            "nspool.launcher._taskloop",
             "nspool._chunks",
             *config.get("preload", []),
         ]:  # type: ignore[misc]

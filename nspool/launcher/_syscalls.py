@@ -86,3 +86,20 @@ def mount(source: str, target: str, fstype: str | None, flags: int) -> None:
         ),
         f"mount({target})",
     )
+
+
+def set_next_pid(pid: int) -> bool:
+    """Make ``pid`` the PID of the next process forked in the caller's PID namespace, if it is
+    free there (write ``ns_last_pid``; needs CAP_SYS_ADMIN over the namespace's owner, which
+    root and the unprivileged pool's own user namespace both have). False if refused."""
+    try:
+        fd = os.open("/proc/sys/kernel/ns_last_pid", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        os.write(fd, str(pid - 1).encode())
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

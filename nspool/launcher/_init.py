@@ -1,0 +1,212 @@
+"""The init of a worker's PID namespace: PID 1 there, and it never runs user code.
+
+It forks the task loop (at a PID unique on the machine, see DESIGN.md section 2) and then
+only does what PID 1 must (tini's shape):
+
+* reaps every orphan as it dies, so zombies never pile up while a task runs;
+* carries out stops exactly: a stop request from the program (its stop pipe) or the running
+  task's deadline (announced by the task loop on the notify pipe). It stops the task loop
+  (SIGSTOP + waitpid), reads from the state block which task runs, and either wipes the
+  namespace (that task is running), marks the task to be skipped (not started yet), or lets
+  the loop go on (it already finished): a stop never hits another task;
+* relays signals (``terminate_workers()``, or a signal sent to it from outside) to the loop;
+* when the task loop ends, kills what is left, stores how the loop ended and which task it
+  stopped in the state block, and exits: the kernel then takes the namespace down.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import select
+import signal
+import time
+import traceback
+from typing import NoReturn
+
+from .._protocol import (
+    STATE_SIZE,
+    InitMsg,
+    Op,
+    StateBlock,
+    StopReason,
+    decode_init_msgs,
+)
+from . import _syscalls
+
+#: signals passed on to the task loop, as tini does (from outside the namespace they would
+#: otherwise not reach PID 1 at all)
+RELAYED = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+def _noop(signum: int, frame: object) -> None:
+    pass
+
+
+class Init:
+    def __init__(
+        self, loop: int, stop_fd: int, notify_fd: int, wake_fd: int, state: StateBlock
+    ) -> None:
+        self.loop = loop
+        self.loop_status: int | None = None
+        self.stop_fd = stop_fd
+        self.notify_fd = notify_fd
+        self.wake_fd = wake_fd
+        self.state = state
+        self.pending = {stop_fd: b"", notify_fd: b""}  # partial messages
+        #: the running task's deadline: (seq, CLOCK_MONOTONIC ns)
+        self.deadline: tuple[int, int] | None = None
+        for sig in RELAYED:
+            signal.signal(sig, self._relay)
+
+    def _relay(self, signum: int, frame: object) -> None:
+        self.signal_loop(signum)
+
+    def signal_loop(self, sig: int) -> None:
+        if self.loop_status is None:
+            try:
+                os.kill(self.loop, sig)
+            except ProcessLookupError:
+                pass
+
+    # -- the loop -----------------------------------------------------------------------------
+    def serve(self) -> NoReturn:
+        poller = select.poll()
+        for fd in (self.stop_fd, self.notify_fd, self.wake_fd):
+            poller.register(fd, select.POLLIN)
+        while True:
+            self.reap()
+            timeout_ms = None
+            if self.deadline is not None:
+                left = self.deadline[1] - time.monotonic_ns()
+                timeout_ms = max(0, -(-left // 1_000_000))
+            for fd, _ in poller.poll(timeout_ms):
+                if fd == self.wake_fd:
+                    try:
+                        os.read(self.wake_fd, 4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                msgs = self.read_msgs(fd)
+                if msgs is None:
+                    poller.unregister(fd)
+                    if fd == self.stop_fd:
+                        self.finish()  # the program is done with this worker
+                    continue
+                for msg in msgs:
+                    self.on_msg(msg)
+            if self.deadline is not None and time.monotonic_ns() >= self.deadline[1]:
+                seq = self.deadline[0]
+                self.deadline = None
+                self.stop(seq, StopReason.TIMEOUT)
+
+    def read_msgs(self, fd: int) -> list[InitMsg] | None:
+        data = os.read(fd, 4096)
+        if not data:
+            return None
+        msgs, self.pending[fd] = decode_init_msgs(self.pending[fd] + data)
+        return msgs
+
+    def on_msg(self, msg: InitMsg) -> None:
+        if msg.op is Op.STOP:
+            self.stop(msg.seq, StopReason(msg.value))
+        elif msg.op is Op.SIGNAL:
+            self.signal_loop(msg.value)
+        elif msg.op is Op.DEADLINE:
+            self.deadline = (msg.seq, msg.value)  # only the running task's deadline matters
+
+    def reap(self) -> None:
+        """Reap every dead child: orphans, and the task loop (then finish)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid == self.loop:
+                self.loop_status = status
+        if self.loop_status is not None:
+            self.finish()
+
+    # -- stopping a task ----------------------------------------------------------------------
+    def stop(self, seq: int, reason: StopReason) -> None:
+        """Stop task ``seq`` if it has not finished: wipe the namespace if it runs, mark it to
+        be skipped if it has not started; nothing if it already finished."""
+        if self.loop_status is not None:
+            return
+        started, running = self.state.started()
+        if started > seq or (started == seq and not running):
+            return  # finished (seqs only grow): no need to stop the loop to know that
+        # It runs or has not started yet: look again with the loop stopped, so that it cannot
+        # start or finish the task between our look and our action.
+        os.kill(self.loop, signal.SIGSTOP)
+        while True:
+            _, status = os.waitpid(self.loop, os.WUNTRACED)
+            if os.WIFSTOPPED(status) or os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                break
+        if not os.WIFSTOPPED(status):
+            self.loop_status = status  # it ended meanwhile
+            self.finish()
+        started, running = self.state.started()
+        if started == seq and running:
+            self.finish(stopped=seq, reason=reason)
+        if started < seq and reason is StopReason.KILL:
+            self.state.doom(seq)  # the loop skips it when it gets there
+        os.kill(self.loop, signal.SIGCONT)
+
+    def finish(self, stopped: int = 0, reason: StopReason = StopReason.NONE) -> NoReturn:
+        """Kill everything else in the namespace, reap it, record how the loop ended, exit."""
+        try:
+            os.kill(-1, signal.SIGKILL)  # from PID 1: every other process of the namespace
+        except ProcessLookupError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            if pid == self.loop:
+                self.loop_status = status
+        if self.loop_status is not None:
+            self.state.write_record(self.loop_status, stopped, reason)
+        os._exit(0)
+
+
+def run(task_fd: int, result_fd: int, stop_fd: int, state_fd: int, options: object) -> NoReturn:
+    """Body of a new worker namespace's PID 1 (just forked by the fork server)."""
+    try:
+        state_map = mmap.mmap(state_fd, STATE_SIZE)
+        os.close(state_fd)
+        state = StateBlock(state_map)
+        notify_r, notify_w = os.pipe()
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.signal(signal.SIGCHLD, _noop)  # only to wake the poll below (set_wakeup_fd)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        # The task loop gets our host PID as its PID in here: unique among live workers on
+        # the machine (our host PID is ours alone), so pid-named files never collide.
+        _syscalls.set_next_pid(int(os.readlink("/proc/self")))
+        loop = os.fork()
+        if loop == 0:
+            signal.set_wakeup_fd(-1)
+            for fd in (stop_fd, notify_r, wake_r, wake_w):
+                os.close(fd)
+            from . import _taskloop
+
+            _taskloop.main(task_fd, result_fd, notify_w, state, options)  # type: ignore[arg-type]
+        for fd in (task_fd, result_fd, notify_w):
+            os.close(fd)
+        _syscalls.set_process_name("nspool-init")
+        Init(loop, stop_fd, notify_r, wake_r, state).serve()
+    except BaseException:  # noqa: BLE001 - a bug here: say so; exiting kills the namespace
+        traceback.print_exc()
+    os._exit(70)

@@ -1,0 +1,271 @@
+"""The task loop: an ordinary process (the only child of its worker namespace's init) that runs
+the tasks read from its task pipe and writes their results to its result pipe.
+
+Not being PID 1, it behaves like any process: signals it sends itself act, the kernel reports
+how it died, and its PID is not 1 (the init placed it at a PID unique on the machine). Just
+before a task runs and just after it returns, it stores the task's seq in the state block, so
+the init can stop exactly that task (see ``_init``). Between tasks it (by default) kills
+whatever the task left running; the init reaps the orphans.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+from typing import Any, NamedTuple, NoReturn
+
+from .. import _serialize
+from .._protocol import (
+    InitMsg,
+    Kind,
+    Op,
+    StateBlock,
+    encode_header,
+    encode_init_msg,
+    split_task,
+)
+from .._protocol import (
+    FrameDecoder as _FrameDecoder,
+)
+from .._task_errors import TaskPicklingError, TaskUnpicklingError
+from . import _syscalls
+
+
+class WorkerOptions(NamedTuple):
+    #: kill what a task leaves running as soon as it returns
+    kill_leftovers: bool = True
+    #: give the worker its own mount namespace with a /proc that shows only its namespace
+    private_proc: bool = False
+
+
+#: how the task loop resets what it inherited from the fork server: a task sees the signal
+#: dispositions of a fresh Python process
+_DEFAULT_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGCHLD,
+    signal.SIGALRM,
+)
+
+
+def mount_private_proc() -> None:
+    """Give this process a mount namespace with a /proc of its own PID namespace."""
+    _syscalls.unshare(_syscalls.CLONE_NEWNS)
+    # Without rprivate, the new /proc would propagate back to the host's mount table.
+    _syscalls.mount("none", "/", None, _syscalls.MS_REC | _syscalls.MS_PRIVATE)
+    _syscalls.mount(
+        "proc", "/proc", "proc", _syscalls.MS_NOSUID | _syscalls.MS_NODEV | _syscalls.MS_NOEXEC
+    )
+
+
+def _write_all(fd: int, bufs: list[bytes | bytearray | memoryview]) -> None:
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    while views:
+        n = os.writev(fd, views[:512])
+        while n:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:  # noqa: BLE001 - a broken stdout must not kill the worker
+            pass
+
+
+def _wipe_leftovers(kill: bool) -> None:
+    """Kill (optionally) what the task left in the namespace, and reap our own children (the
+    init reaps the rest). With ``kill``, return only once nothing else is left but the init."""
+    while True:
+        if kill:
+            try:
+                # From a process that is not PID 1: everything in the namespace but PID 1 and
+                # ourselves. ESRCH once only we and the init remain, zombies included.
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                kill = False
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, 0 if kill else os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+        if not kill:
+            return
+        select.select([], [], [], 0.0002)  # grandchildren: the init is reaping them now
+
+
+def _exit_as_forked_child(exc: BaseException | None) -> NoReturn:
+    """A task forked and its child came back here instead of exiting: end it the way a plain
+    Python process ends (exit code, traceback, atexit handlers), never through the loop."""
+    code = 0
+    if isinstance(exc, SystemExit):
+        if exc.code is None:
+            code = 0
+        elif isinstance(exc.code, int):
+            code = exc.code & 0xFF
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    elif exc is not None:
+        try:
+            sys.excepthook(type(exc), exc, exc.__traceback__)
+        except BaseException:  # noqa: BLE001
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001
+        pass
+    _flush_stdio()
+    if isinstance(exc, KeyboardInterrupt):
+        # As CPython does: die of SIGINT, so the parent's waitpid sees the signal.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        code = 130
+    os._exit(code)
+
+
+class TaskLoop:
+    def __init__(
+        self,
+        task_fd: int,
+        result_fd: int,
+        notify_fd: int,
+        state: StateBlock,
+        opts: WorkerOptions,
+        host_pid: int,
+    ) -> None:
+        self.host_pid = host_pid
+        self.task_fd = task_fd
+        self.result_fd = result_fd
+        self.notify_fd = notify_fd
+        self.state = state
+        self.kill_leftovers = opts.kill_leftovers
+        self.pid = os.getpid()
+
+    def send(self, kind: Kind, ident: int, payload: bytes | bytearray = b"") -> None:
+        _write_all(self.result_fd, [encode_header(kind, ident, len(payload)), payload])
+
+    def run_task(self, seq: int, timeout: float | None, data: Any) -> tuple[Kind, bytes]:
+        if timeout is not None:
+            deadline = time.monotonic_ns() + int(timeout * 1e9)
+            os.write(self.notify_fd, encode_init_msg(InitMsg(Op.DEADLINE, seq, deadline)))
+        try:
+            fn, args, kwargs = _serialize.loads(data)
+        except BaseException as exc:  # noqa: BLE001
+            err = TaskUnpicklingError(
+                f"the worker could not unpickle the task: {type(exc).__name__}: {exc}"
+            )
+            err.__traceback__ = exc.__traceback__
+            return Kind.ERR, _serialize.dump_error(err)
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit too, as the stdlib pool does
+            if os.getpid() != self.pid:
+                _exit_as_forked_child(exc)
+            return Kind.ERR, _serialize.dump_error(exc)
+        finally:
+            del fn, args, kwargs
+        if os.getpid() != self.pid:
+            _exit_as_forked_child(None)
+        try:
+            return Kind.OK, _serialize.dumps_result(result)
+        except BaseException as exc:  # noqa: BLE001
+            perr = TaskPicklingError(
+                f"the task's result of type {type(result).__name__} could not be pickled: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            return Kind.ERR, _serialize.dump_error(perr)
+
+    def serve(self) -> int:
+        decoder = _FrameDecoder()
+        state = self.state
+        initialized = False
+        while True:
+            frame = decoder.next_frame()
+            if frame is None:
+                n = os.readv(self.task_fd, [decoder.get_buffer()])
+                if n == 0:
+                    return 0  # the program closed our task pipe: we are done
+                decoder.buffer_updated(n)
+                continue
+            kind = frame.kind
+            if kind is Kind.TASK or kind is Kind.TIMED_TASK:
+                seq = frame.ident
+                # Store "seq runs" first, then look for a stop: the init decides with us
+                # stopped, so it either sees the task running or dooms it before we look.
+                state.set_started(seq, True)
+                if state.is_doomed(seq):
+                    state.set_started(seq, False)
+                    self.send(Kind.SKIPPED, seq)
+                    continue
+                timeout, data = split_task(frame)
+                kind, payload = self.run_task(seq, timeout, data)
+                state.set_started(seq, False)
+                del frame, data
+                _flush_stdio()
+                _wipe_leftovers(self.kill_leftovers)
+                # Each result leaves at once, never held back for a batch: results answer the
+                # tasks in the order they were written.
+                self.send(kind, seq, payload)
+            elif kind is Kind.INIT and not initialized:
+                initialized = True
+                try:
+                    if len(frame.payload):
+                        initializer, initargs = _serialize.loads(frame.payload)
+                        initializer(*initargs)
+                except BaseException:  # noqa: BLE001
+                    self.send(Kind.INIT_FAILED, 0, traceback.format_exc().encode())
+                    return 1
+                finally:
+                    _flush_stdio()
+                    _wipe_leftovers(self.kill_leftovers)
+                # Ready only now: a task's deadline never counts the initializer.
+                self.send(Kind.READY, self.host_pid)
+            else:
+                raise RuntimeError(f"task loop got an unexpected {kind.name} frame")
+
+
+def main(
+    task_fd: int, result_fd: int, notify_fd: int, state: StateBlock, options: WorkerOptions
+) -> NoReturn:
+    """Run the task loop, then exit without running the launcher's atexit handlers."""
+    code = 70
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in _DEFAULT_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        _syscalls.set_process_name("nspool-worker")
+        # The program knows us by our PID in the host /proc: read it before a private one
+        # hides it.
+        host_pid = int(os.readlink("/proc/self"))
+        if options.private_proc:
+            try:
+                mount_private_proc()
+            except OSError as exc:
+                msg = f"cannot mount a private /proc in the worker: {exc}".encode()
+                _write_all(result_fd, [encode_header(Kind.INIT_FAILED, 0, len(msg)), msg])
+                os._exit(1)
+        code = TaskLoop(task_fd, result_fd, notify_fd, state, options, host_pid).serve()
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+    finally:
+        _flush_stdio()
+        os._exit(code)
