@@ -12,9 +12,8 @@ import signal
 import time
 import weakref
 from collections import deque
-from typing import Any
-
 from concurrent.futures import CancelledError
+from typing import Any
 
 from ._launch import Launcher
 from ._pool import Actions, Fate, PoolCore, StopAction, Task, WorkerEnd, WorkerSlot

@@ -34,9 +34,11 @@ _F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `python -m nspool.launcher`, made to find this very nspool even when it is not installed,
-# without putting its folder in front of the standard library (as PYTHONPATH would).
+# without putting its folder in front of the standard library (as PYTHONPATH would), and
+# without `-c`'s current directory in front, where another nspool checkout may lie.
 _BOOTSTRAP = (
-    "import sys; sys.path.append({parent!r}); import runpy; "
+    "import sys; sys.path[:1] = [p for p in sys.path[:1] if p]; sys.path.append({parent!r}); "
+    "import runpy; "
     "runpy.run_module('nspool.launcher', run_name='__main__', alter_sys=True)"
 )
 

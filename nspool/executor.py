@@ -176,7 +176,7 @@ class _Engine(PoolDriver):
         os.close(self.wake_r)
         os.close(self.wake_w)
         err = self.broken or BrokenProcessPool("the pool shut down before the task ran")
-        _complete([(t.handle, None, t.fail_with or err) for t in leftover])
+        _complete([(t.handle, None, t.stop_error or err) for t in leftover])
         _live_engines.discard(self)
 
     # -- shutdown -----------------------------------------------------------------------------

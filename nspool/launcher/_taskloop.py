@@ -21,6 +21,9 @@ from typing import Any, NamedTuple, NoReturn
 
 from .. import _serialize
 from .._protocol import (
+    FrameDecoder as _FrameDecoder,
+)
+from .._protocol import (
     InitMsg,
     Kind,
     Op,
@@ -28,9 +31,6 @@ from .._protocol import (
     encode_header,
     encode_init_msg,
     split_task,
-)
-from .._protocol import (
-    FrameDecoder as _FrameDecoder,
 )
 from .._task_errors import TaskPicklingError, TaskUnpicklingError
 from . import _syscalls
