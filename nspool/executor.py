@@ -186,8 +186,7 @@ class _Engine(PoolDriver):
             cancelled = self.core.cancel_queued() if cancel_futures else []
             if self.thread.is_alive():
                 self.wake()
-        for task in cancelled:
-            task.handle.cancel()
+        _complete([(task.handle, None, None) for task in cancelled])
 
     def join(self) -> None:
         if threading.current_thread() is not self.thread:
@@ -199,7 +198,11 @@ def _complete(done: list[Completion]) -> None:
     for fut, kind, value in done:
         try:
             if value is None and kind is None:
-                if not fut.cancel():  # already running: fail it the same way
+                if fut.cancel():
+                    # As an executor must: CANCELLED -> CANCELLED_AND_NOTIFIED, or wait() and
+                    # as_completed() would not count it as done.
+                    fut.set_running_or_notify_cancel()
+                else:  # already running: fail it the same way
                     fut.set_exception(CancelledError("the task was cancelled before it ran"))
             elif kind is Kind.OK:
                 try:
@@ -270,17 +273,14 @@ class NSFuture(Future[T]):
         stop = CancelledError("the task was killed by Future.kill()")
         with engine.lock:
             task = task_ref()
-            if task is None or self.done():
-                return False
-            how = engine.kill_task(task, stop)
-        if how is StopAction.TOO_LATE:
-            return False
+            # No task: it left the pool and its future is being settled right now.
+            how = StopAction.TOO_LATE if task is None else engine.kill_task(task, stop)
         if how is StopAction.DEQUEUED:
             # Never sent: settle it here (cancel() fails only if it was already claimed).
-            _complete([(self, None, None if not task.claimed else stop)])
+            _complete([(self, None, stop if task is not None and task.claimed else None)])
         elif threading.current_thread() is engine.thread:
-            return how is StopAction.ASK_WORKER
-        elif not wait([self], timeout).done:
+            return how is StopAction.ASK_WORKER  # the outcome needs this thread: no waiting
+        if not wait([self], timeout).done:
             raise TimeoutError(f"the task's stop had no outcome within {timeout} s")
         return self.cancelled() or self.exception() is stop
 
