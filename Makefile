@@ -8,7 +8,7 @@ PYENV_ROOT ?= $(or $(shell pyenv root 2>/dev/null),$(HOME)/.pyenv)
 PY_OLDEST ?= $(or $(lastword $(wildcard $(PYENV_ROOT)/versions/3.10.*/bin/python3.10)),$(shell command -v python3.10))
 PY_NEWEST ?= $(or $(lastword $(wildcard $(PYENV_ROOT)/versions/3.13.*/bin/python3.13)),$(shell command -v python3.13))
 
-.PHONY: demo test lint test-oldest test-newest test-unprivileged bench bench-quick clean
+.PHONY: demo test lint test-oldest test-newest test-unprivileged soak bench bench-quick clean
 
 .venv/.installed: pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -40,6 +40,15 @@ test-unprivileged:
 	bash scripts/test-unprivileged.sh
 
 test: lint test-oldest test-newest test-unprivileged
+
+# The randomised stop/completion race tests, scaled up (SCALE=9: about 100,000 stops), with
+# one JSON line of figures per test in soak-report.jsonl.
+SCALE ?= 9
+soak: .venv-NEWEST/.installed
+	rm -f soak-report.jsonl
+	NSPOOL_RACE_SCALE=$(SCALE) NSPOOL_RACE_REPORT=$(CURDIR)/soak-report.jsonl \
+	  .venv-NEWEST/bin/python -m pytest -p no:cacheprovider -q tests/test_races.py
+	@cat soak-report.jsonl
 
 bench: .venv/.installed
 	.venv/bin/python -m benchmarks.run
