@@ -13,6 +13,7 @@ import pytest
 import tasks
 
 from nspool import (
+    LauncherDiedError,
     NSPoolExecutor,
     PoolInitializerError,
     TaskPicklingError,
@@ -451,3 +452,33 @@ def test_shutdown_request_while_the_pool_lock_is_held_does_not_deadlock() -> Non
     engine.join()
     with pytest.raises(RuntimeError):
         pool.submit(tasks.square, 1)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_bug_in_the_io_thread_fails_every_pending_future_and_says_so() -> None:
+    """If the I/O thread dies of a bug, every pending future fails at once with an error that
+    names the I/O thread (not "launcher died"), and submit() raises the same."""
+    caught: list[BaseException | None] = []
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: caught.append(args.exc_value)
+    try:
+        with NSPoolExecutor(1) as pool:
+            assert pool.submit(tasks.square, 3).result() == 9
+            engine = pool._engine
+            gate = pool.submit(time.sleep, 0.5)
+            queued = [pool.submit(tasks.square, i) for i in range(5)]
+
+            def broken(*args: object, **kwargs: object) -> None:
+                raise RuntimeError("injected bug")
+
+            engine._on_frame = broken  # type: ignore[method-assign]
+            for f in [gate, *queued]:
+                exc = f.exception(timeout=30)
+                assert isinstance(exc, BrokenProcessPool), exc
+                assert "I/O thread failed" in str(exc) and "injected bug" in str(exc)
+                assert not isinstance(exc, LauncherDiedError)
+            with pytest.raises(BrokenProcessPool, match="I/O thread failed"):
+                pool.submit(tasks.square, 1)
+    finally:
+        threading.excepthook = old_hook
+    assert [type(e) for e in caught] == [RuntimeError]
