@@ -226,10 +226,15 @@ class PoolCore:
 
     # -- the one place a task changes state ---------------------------------------------------
     @staticmethod
-    def _move(task: Task, ev: Ev) -> None:
+    def _next_state(task: Task, ev: Ev) -> TState:
         new = TRANSITIONS.get((task.state, ev))
         if new is None:
             raise RuntimeError(f"task {task.id}: no transition from {task.state.name} on {ev.name}")
+        return new
+
+    @classmethod
+    def _move(cls, task: Task, ev: Ev) -> None:
+        new = cls._next_state(task, ev)
         task.state = new
         if new is TState.QUEUED:
             task.wid = task.seq = 0
@@ -253,6 +258,7 @@ class PoolCore:
         if not slot.inflight or slot.inflight[0].seq != seq:
             expected = slot.inflight[0].seq if slot.inflight else None
             raise RuntimeError(f"worker {wid} answered task seq {seq}, expected {expected}")
+        self._next_state(slot.inflight[0], ev)  # refuse before taking it out of the worker
         task = slot.inflight.popleft()
         self._move(task, ev)
         return task
