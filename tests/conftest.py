@@ -101,6 +101,23 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+_hypothesis_home: list[str] = []
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "leaks_ok: the test checks leaks itself")
     _preexisting.update(nspool_processes())
+    # Hypothesis keeps caches in ./.hypothesis; give it a folder removed at the end instead.
+    import tempfile
+
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    _hypothesis_home.append(tempfile.mkdtemp(prefix="nspool-hypothesis-"))
+    set_hypothesis_home_dir(_hypothesis_home[0])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    for path in _hypothesis_home:
+        shutil.rmtree(path, ignore_errors=True)
