@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
+from concurrent.futures import CancelledError, Future
+from typing import Any
 
 
 def _stat(pid: int) -> tuple[str, int] | None:
@@ -92,3 +94,19 @@ def wait_for(predicate, timeout: float, interval: float = 0.01) -> bool:  # type
 
 def open_fds() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def outcome(f: Future[Any]) -> tuple[str, Any]:
+    """How a future settled, without ever blocking: ("pending", None), ("cancelled", None or
+    the CancelledError a stopped running task failed with), ("result", value) or ("error",
+    exception)."""
+    if not f.done():
+        return "pending", None
+    if f.cancelled():
+        return "cancelled", None
+    exc = f.exception(timeout=0)
+    if exc is None:
+        return "result", f.result(timeout=0)
+    if isinstance(exc, CancelledError):
+        return "cancelled", exc
+    return "error", exc

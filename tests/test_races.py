@@ -42,7 +42,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -51,6 +51,7 @@ import anyio
 import pytest
 import tasks
 import tasks_race
+from _procs import outcome
 from tasks_race import RECORD, work
 
 import nspool
@@ -249,19 +250,6 @@ def wait_until(t: float) -> None:
         else:
             os.sched_yield()
 
-
-def outcome(f: cf.Future[Any]) -> tuple[str, Any]:
-    """("pending" | "result" | "cancelled" | "error", value or exception)."""
-    if not f.done():
-        return "pending", None
-    if f.cancelled():
-        return "cancelled", None
-    exc = f.exception(timeout=0)
-    if exc is None:
-        return "result", f.result(timeout=0)
-    if isinstance(exc, CancelledError):
-        return "cancelled", exc
-    return "error", exc
 
 
 def _bucket(delta: float | None) -> str:

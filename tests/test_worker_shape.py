@@ -18,13 +18,13 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from concurrent.futures import CancelledError, Future, wait
+from concurrent.futures import Future, wait
 from typing import Any
 
 import pytest
 import tasks
 import tasks_shape
-from _procs import descendants, wait_for
+from _procs import descendants, outcome, wait_for
 
 from nspool import (
     NSPoolExecutor,
@@ -52,20 +52,6 @@ def pool(*args: Any, **kwargs: Any) -> Iterator[NSPoolExecutor]:
         else:
             ex.kill_workers()
 
-
-def outcome(f: Future[Any]) -> tuple[str, Any]:
-    """How a future settled, without ever blocking: ("pending", None), ("cancelled", None),
-    ("result", value) or ("error", exception)."""
-    if not f.done():
-        return "pending", None
-    if f.cancelled():
-        return "cancelled", None
-    exc = f.exception(timeout=0)
-    if exc is None:
-        return "result", f.result(timeout=0)
-    if isinstance(exc, CancelledError):
-        return "cancelled", None  # kill() of a running task: it fails with CancelledError
-    return "error", exc
 
 
 def describe(o: tuple[str, Any]) -> str:

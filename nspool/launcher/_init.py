@@ -22,7 +22,7 @@ import select
 import signal
 import time
 import traceback
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from .._protocol import (
     STATE_SIZE,
@@ -33,6 +33,9 @@ from .._protocol import (
     decode_init_msgs,
 )
 from . import _syscalls
+
+if TYPE_CHECKING:
+    from ._taskloop import WorkerOptions
 
 #: signals passed on to the task loop, as tini does (from outside the namespace they would
 #: otherwise not reach PID 1 at all)
@@ -148,10 +151,7 @@ class Init:
         # It runs or has not started yet: look again with the loop stopped, so that it cannot
         # start or finish the task between our look and our action.
         os.kill(self.loop, signal.SIGSTOP)
-        while True:
-            _, status = os.waitpid(self.loop, os.WUNTRACED)
-            if os.WIFSTOPPED(status) or os.WIFEXITED(status) or os.WIFSIGNALED(status):
-                break
+        _, status = os.waitpid(self.loop, os.WUNTRACED)  # stopped, or ended meanwhile
         if not os.WIFSTOPPED(status):
             self.loop_status = status  # it ended meanwhile
             self.finish()
@@ -180,7 +180,9 @@ class Init:
         os._exit(0)
 
 
-def run(task_fd: int, result_fd: int, stop_fd: int, state_fd: int, options: object) -> NoReturn:
+def run(
+    task_fd: int, result_fd: int, stop_fd: int, state_fd: int, options: WorkerOptions
+) -> NoReturn:
     """Body of a new worker namespace's PID 1 (just forked by the fork server)."""
     try:
         state_map = mmap.mmap(state_fd, STATE_SIZE)
@@ -202,7 +204,7 @@ def run(task_fd: int, result_fd: int, stop_fd: int, state_fd: int, options: obje
                 os.close(fd)
             from . import _taskloop
 
-            _taskloop.main(task_fd, result_fd, notify_w, state, options)  # type: ignore[arg-type]
+            _taskloop.main(task_fd, result_fd, notify_w, state, options)
         for fd in (task_fd, result_fd, notify_w):
             os.close(fd)
         _syscalls.set_process_name("nspool-init")
