@@ -125,7 +125,13 @@ class PoolDriver:
             try:
                 ends = self.launcher.spawn(slot.wid)
             except OSError as exc:
-                self.break_pool(LauncherDiedError(f"cannot reach the launcher: {exc}"), done)
+                self.break_pool(
+                    BrokenProcessPool(
+                        f"cannot start a worker: {exc} (each worker holds 4 file descriptors "
+                        "in this process: raise the limit on open files or lower max_workers)"
+                    ),
+                    done,
+                )
                 return
             conn = Conn(slot, ends.task_fd, ends.result_fd, ends.stop_fd, ends.state)
             self.conns[slot.wid] = conn
@@ -133,6 +139,8 @@ class PoolDriver:
             # Always first: the worker says READY only after its initializer ran.
             conn.out.append(memoryview(encode_frame(Kind.INIT, 0, self.init_payload or b"")))
             self.flush(conn)
+        if self.launcher.outbox:
+            self._want_control_write()
         self._perform(actions)
 
     def close_idle(self, idle_timeout: float) -> None:
@@ -161,6 +169,8 @@ class PoolDriver:
             # Thousands of unread stops: the init is stuck. Kill the worker whole; its state
             # block still tells which task ran.
             self.launcher.kill(wid, signal.SIGKILL)
+            if self.launcher.outbox:
+                self._want_control_write()
         except OSError:
             pass  # EPIPE: the init is gone; its exit follows
 
@@ -174,6 +184,8 @@ class PoolDriver:
             if sig == signal.SIGKILL:
                 # Also straight to the init: a worker still starting has no task loop yet.
                 self.launcher.kill(conn.slot.wid, sig)
+        if self.launcher.outbox:
+            self._want_control_write()
         return done
 
     # -- writing ----------------------------------------------------------------------------------
@@ -377,4 +389,9 @@ class PoolDriver:
 
     def _release_fd(self, fd: int) -> None:
         """``fd`` is about to be closed: stop waiting on it."""
+        raise NotImplementedError
+
+    def _want_control_write(self) -> None:
+        """``launcher.outbox`` is not empty: wait for the control socket to be writable and
+        call ``launcher.flush()`` until it returns True."""
         raise NotImplementedError

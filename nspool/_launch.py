@@ -10,12 +10,15 @@ import errno
 import fcntl
 import json
 import mmap
+import multiprocessing.process
 import os
+import resource
 import select
 import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -69,6 +72,26 @@ def _pipe() -> tuple[int, int]:
     return r, w
 
 
+def _raise_fd_limit() -> bool:
+    """Raise this process's soft limit on open files to its hard limit (a pool with many
+    workers holds four fds per worker; 1024 is a common soft limit). True if it rose."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            return False
+    if soft != resource.RLIM_INFINITY and soft >= target:
+        return False
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 class Launcher:
     """A running launcher process and its control socket."""
 
@@ -93,12 +116,19 @@ class Launcher:
             theirs.close()
         self.sock = mine
         self.closed = False
+        #: control messages (and the fds they carry, closed once sent) the socket had no room
+        #: for yet: a unix socket queues only a few messages with fds (net.unix.max_dgram_qlen)
+        self.outbox: deque[tuple[bytes, list[int]]] = deque()
         assert self.proc.stdin is not None
         payload = {
             "preload": list(config.preload),
             "kill_leftovers": config.kill_leftovers,
             "private_proc": config.private_proc,
             "sys_path": config.sys_path,
+            # Workers share the program's multiprocessing key, as the stdlib pool's do, so
+            # that Manager proxies and Connection objects passed to a task authenticate.
+            # (Over this pipe, never the command line or the environment.)
+            "authkey": bytes(multiprocessing.process.current_process().authkey).hex(),
         }
         try:
             self.proc.stdin.write(json.dumps(payload).encode())
@@ -145,39 +175,82 @@ class Launcher:
             raise ProtocolError(f"unexpected {msg.kind.name} before HELLO")
 
     def spawn(self, wid: int) -> WorkerEnds:
-        """Ask for worker ``wid``; returns the program's ends of its pipes and its state block."""
-        task_r, task_w = _pipe()
-        result_r, result_w = _pipe()
-        stop_r, stop_w = os.pipe()
-        state_fd = os.memfd_create(f"nspool-worker-{wid}", os.MFD_CLOEXEC)
-        theirs = [task_r, result_w, stop_r, state_fd]
-        ours = [task_w, result_r, stop_w]
+        """Ask for worker ``wid``; returns the program's ends of its pipes and its state block.
+
+        The request may wait in :attr:`outbox` (see :meth:`flush`). Raises ``OSError`` only if
+        this process cannot create the pipes (out of file descriptors even after raising the
+        soft limit).
+        """
         try:
+            return self._spawn(wid)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not _raise_fd_limit():
+                raise
+        return self._spawn(wid)
+
+    def _spawn(self, wid: int) -> WorkerEnds:
+        theirs: list[int] = []
+        ours: list[int] = []
+        try:
+            task_r, task_w = _pipe()
+            theirs.append(task_r)
+            ours.append(task_w)
+            result_r, result_w = _pipe()
+            theirs.append(result_w)
+            ours.append(result_r)
+            stop_r, stop_w = os.pipe()
+            theirs.append(stop_r)
+            ours.append(stop_w)
+            state_fd = os.memfd_create(f"nspool-worker-{wid}", os.MFD_CLOEXEC)
+            theirs.append(state_fd)
             os.ftruncate(state_fd, STATE_SIZE)
             state = mmap.mmap(state_fd, STATE_SIZE)
-            try:
-                socket.send_fds(self.sock, [encode_control(Control(Ctl.SPAWN, wid))], theirs)
-            except BaseException:
-                state.close()
-                raise
         except BaseException:
-            for fd in ours:
+            for fd in theirs + ours:
                 os.close(fd)
             raise
-        finally:
-            for fd in theirs:
-                os.close(fd)
         for fd in ours:
             os.set_blocking(fd, False)
+        # Their ends are closed once the message carrying them has left.
+        self._post(encode_control(Control(Ctl.SPAWN, wid)), theirs)
         return WorkerEnds(task_w, result_r, stop_w, state)
 
     def kill(self, wid: int, sig: int) -> None:
         """Send ``sig`` to worker ``wid`` (SIGKILL takes its whole namespace down)."""
-        try:
-            self.sock.send(encode_control(Control(Ctl.KILL, wid, sig)))
-        except OSError as exc:
-            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EBADF):
-                raise
+        self._post(encode_control(Control(Ctl.KILL, wid, sig)), [])
+
+    def _post(self, data: bytes, fds: list[int]) -> None:
+        self.outbox.append((data, fds))
+        if len(self.outbox) == 1:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send what the control socket takes now, in order; True when nothing is left.
+        Whoever drives the pool waits for the socket to be writable while this is False."""
+        outbox = self.outbox
+        while outbox:
+            data, fds = outbox[0]
+            try:
+                if fds:
+                    socket.send_fds(self.sock, [data], fds)
+                else:
+                    self.sock.send(data)
+            except BlockingIOError:
+                return False
+            except OSError:
+                # The launcher is gone (EPIPE...): its EOF, read next, breaks the pool.
+                self._drop_outbox()
+                return True
+            outbox.popleft()
+            for fd in fds:
+                os.close(fd)
+        return True
+
+    def _drop_outbox(self) -> None:
+        for _, fds in self.outbox:
+            for fd in fds:
+                os.close(fd)
+        self.outbox.clear()
 
     def receive(self) -> tuple[list[Control], bool]:
         """Every control message waiting now, and whether the launcher is gone (EOF)."""
@@ -205,6 +278,7 @@ class Launcher:
         if not self.closed:
             self.closed = True
             self.sock.close()
+            self._drop_outbox()
 
     def close(self, kill: bool = False, wait: bool = True) -> None:
         """Stop the launcher and (with ``wait``) wait until it and everything under it is gone.
@@ -215,6 +289,7 @@ class Launcher:
         if not self.closed:
             self.closed = True
             self.sock.close()
+            self._drop_outbox()
             if kill:
                 try:
                     self.proc.kill()

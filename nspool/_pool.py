@@ -362,10 +362,29 @@ class PoolCore:
         return tasks
 
     def cancel_queued(self) -> list[Task]:
-        """Remove and return queued tasks never handed to a worker (``cancel_futures``);
-        tasks requeued after their worker died are already running and stay."""
-        keep = [t for t in self.queue if t.claimed]
-        dropped = [t for t in self.queue if not t.claimed]
+        """Remove and return the queued tasks no worker would take now (``cancel_futures``).
+
+        As in the stdlib pool, where tasks already in its call queue run: a task at the head
+        of the queue stays if a worker is free for it (idle, starting, or one the pool may
+        still start). Tasks requeued after their worker died are already running and stay.
+        """
+        free = max(self.max_workers - len(self.workers), 0) + sum(
+            1
+            for w in self.workers.values()
+            if w.forced is None
+            and w.budget != 0
+            and (w.state is WState.STARTING or (w.state is WState.READY and not w.inflight))
+        )
+        keep: list[Task] = []
+        dropped: list[Task] = []
+        for t in self.queue:
+            if t.claimed:
+                keep.append(t)
+            elif free > 0:
+                keep.append(t)
+                free -= 1
+            else:
+                dropped.append(t)
         self.queue.clear()
         self.queue.extend(keep)
         for t in dropped:
@@ -389,6 +408,13 @@ class PoolCore:
         queue = self.queue
         if queue:
             cap = self.depth()
+            if cap > 1 and (
+                len(self.workers) < self.max_workers
+                or any(w.state is WState.STARTING for w in self.workers.values())
+            ):
+                # A task may wait behind another only when every worker the pool may have is
+                # up: until then it waits in the queue for the next free or new worker.
+                cap = 1
             room = [
                 w
                 for w in self.workers.values()

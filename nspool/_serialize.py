@@ -1,5 +1,9 @@
 """How tasks, results and errors become bytes (cloudpickle, protocol 5) and back, with error
-messages that name what could not be pickled. Shared by the fronts and the worker."""
+messages that name what could not be pickled. Shared by the fronts and the worker.
+
+The worker must not import ``nspool.errors`` (see ``_task_errors``): the functions that only
+run in the program import it where they need it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
 
-from ._task_errors import RemoteTraceback, TaskPicklingError, TaskUnpicklingError
+from . import _task_errors
 
 PROTOCOL = 5
 
@@ -46,13 +50,17 @@ def _culprit(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
 
 
 def dump_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """Pickle a call; raise :class:`TaskPicklingError` naming the part that failed."""
+    """Pickle a call (in the program); raise ``TaskPicklingError`` naming the part that
+    failed, also an instance of what pickling raised."""
     try:
         return dumps((fn, args, kwargs))
     except Exception as exc:
-        raise TaskPicklingError(
+        from .errors import pickling_error
+
+        raise pickling_error(
             f"cannot pickle the task {getattr(fn, '__qualname__', fn)!r}: "
-            f"{_culprit(fn, args, kwargs)}"
+            f"{_culprit(fn, args, kwargs)}",
+            type(exc),
         ) from exc
 
 
@@ -67,28 +75,37 @@ def dump_initializer(
     try:
         return dumps((initializer, tuple(initargs)))
     except Exception as exc:
-        raise TaskPicklingError(f"cannot pickle the initializer or its arguments: {exc}") from exc
+        from .errors import pickling_error
+
+        raise pickling_error(
+            f"cannot pickle the initializer or its arguments: {type(exc).__name__}: {exc}",
+            type(exc),
+        ) from exc
 
 
 def dump_error(exc: BaseException) -> bytes:
     """Pickle an exception raised by a task together with its traceback text.
 
-    If the exception itself does not pickle, a :class:`TaskPicklingError` that says so is sent
-    in its place, so the program still learns what happened.
+    If the exception itself does not pickle, a ``TaskPicklingError`` that says so is sent in
+    its place, so the program still learns what happened.
     """
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         return dumps((exc, tb))
     except Exception as perr:  # noqa: BLE001
-        sub = TaskPicklingError(
+        sub = _task_errors.TaskPicklingError(
             f"the task raised {type(exc).__name__}: {exc!s:.500}, "
-            f"which could not be pickled ({type(perr).__name__}: {perr})"
+            f"which could not be pickled ({type(perr).__name__}: {perr})",
+            perr,
         )
         return dumps((sub, tb))
 
 
 def load_error(payload: Any) -> BaseException:
-    """Rebuild a task's exception with the worker traceback as ``__cause__``."""
+    """Rebuild a task's exception (in the program) with the worker's traceback as
+    ``__cause__``, as the stdlib pool does."""
+    from .errors import RemoteTraceback, TaskUnpicklingError
+
     try:
         exc, tb = loads(payload)
     except BaseException as uerr:  # noqa: BLE001 - SystemExit too: it fails this future only
@@ -100,16 +117,19 @@ def load_error(payload: Any) -> BaseException:
         return err
     if not isinstance(exc, BaseException):
         return TaskUnpicklingError(f"the worker sent {type(exc).__name__}, not an exception")
-    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+    # (typeshed says a traceback object; CPython's own pool passes this text)
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')  # type: ignore[arg-type]
     return exc
 
 
 def load_result(payload: Any) -> Any:
-    """Unpickle a result; raise :class:`TaskUnpicklingError` if that fails in any way (a
-    ``SystemExit`` from a ``__reduce__`` too: it fails this future, not the program)."""
+    """Unpickle a result (in the program); raise ``TaskUnpicklingError`` if that fails in any
+    way (a ``SystemExit`` from a ``__reduce__`` too: it fails this future, not the program)."""
     try:
         return loads(payload)
     except BaseException as exc:  # noqa: BLE001
+        from .errors import TaskUnpicklingError
+
         raise TaskUnpicklingError(
             f"the task's result could not be unpickled here: {type(exc).__name__}: {exc}"
         ) from exc

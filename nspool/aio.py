@@ -74,6 +74,7 @@ class _AsyncEngine(PoolDriver):
     ) -> None:
         super().__init__(core, launcher, init_payload)
         self.tg = tg
+        self.control_writing = False
         # On asyncio, a reader callback registered once per pipe is much cheaper than a task
         # that registers and unregisters the fd around every wait (anyio.wait_readable).
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -102,6 +103,21 @@ class _AsyncEngine(PoolDriver):
         if self.loop is not None:
             self.loop.remove_reader(fd)
         anyio.notify_closing(fd)  # wakes a reader or writer waiting on it
+
+    def _want_control_write(self) -> None:
+        if not self.control_writing:
+            self.control_writing = True
+            self.tg.start_soon(self._control_writer)
+
+    async def _control_writer(self) -> None:
+        try:
+            while not self.launcher.closed and not self.launcher.flush():
+                try:
+                    await anyio.wait_writable(self.launcher.fileno())
+                except anyio.ClosedResourceError:
+                    return
+        finally:
+            self.control_writing = False
 
     # -- tasks ---------------------------------------------------------------------------------
     def kick(self, done: list[Completion] | None = None) -> None:

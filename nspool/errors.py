@@ -4,11 +4,11 @@ so that ``except BrokenProcessPool`` in code written for ``ProcessPoolExecutor``
 from __future__ import annotations
 
 import concurrent.futures as _futures
+import pickle
 import signal
 import sys
 from concurrent.futures.process import BrokenProcessPool
-
-from ._task_errors import RemoteTraceback, TaskPicklingError, TaskUnpicklingError
+from typing import Any, ClassVar
 
 __all__ = [
     "BrokenProcessPool",
@@ -21,7 +21,86 @@ __all__ = [
     "TaskUnpicklingError",
     "WorkerDiedError",
     "describe_wait_status",
+    "pickling_error",
 ]
+
+
+class TaskPicklingError(pickle.PicklingError):
+    """A task's function, argument, result or exception could not be pickled; the message
+    names which. Only that future fails.
+
+    It is also an instance of the exception that pickling raised, where Python allows it
+    (``TypeError`` for a lock, ``PicklingError``...), so ``except TypeError`` written for
+    ``ProcessPoolExecutor`` still catches it; that exception is its ``__cause__`` when it was
+    raised in this program.
+    """
+
+    #: the type of the exception pickling raised, when this error is also one
+    original_type: ClassVar[type[BaseException] | None] = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (pickling_error, (str(self), self.original_type))
+
+
+_pickling_error_classes: dict[type[BaseException] | None, type[TaskPicklingError]] = {}
+
+
+def _pickling_error_class(base: type[BaseException] | None) -> type[TaskPicklingError]:
+    cls = _pickling_error_classes.get(base)
+    if cls is None:
+        cls = _pickling_error_classes[base] = _make_pickling_error_class(base)
+    return cls
+
+
+def _make_pickling_error_class(base: type[BaseException] | None) -> type[TaskPicklingError]:
+    if (
+        base is None
+        or not issubclass(base, Exception)
+        or issubclass(TaskPicklingError, base)
+        or issubclass(base, TaskPicklingError)
+    ):
+        return TaskPicklingError
+    try:
+        cls = type(
+            "TaskPicklingError",
+            (TaskPicklingError, base),
+            {"__module__": __name__, "__doc__": TaskPicklingError.__doc__, "original_type": base},
+        )
+    except TypeError:  # e.g. an incompatible instance layout (OSError, UnicodeError...)
+        return TaskPicklingError
+    return cls
+
+
+def pickling_error(message: str, original_type: type[BaseException] | None) -> TaskPicklingError:
+    """A :class:`TaskPicklingError` that is also an ``original_type`` where possible."""
+    cls = _pickling_error_class(original_type)
+    try:
+        return cls(message)
+    except Exception:  # noqa: BLE001 - a base whose constructor wants other arguments
+        return TaskPicklingError(message)
+
+
+class TaskUnpicklingError(BrokenProcessPool, pickle.UnpicklingError):
+    """A task or its result (or exception) could not be unpickled: in the worker, or in this
+    program. Only that future fails and the pool keeps serving; it is a ``BrokenProcessPool``
+    because that is what ``ProcessPoolExecutor`` raises here (after breaking the whole pool)."""
+
+
+# What the stdlib pool attaches as a task exception's __cause__ (code may test for its type):
+# the same class, so that such code keeps working.
+try:
+    from concurrent.futures.process import _RemoteTraceback as RemoteTraceback
+except ImportError:  # pragma: no cover - a future CPython without it
+
+    class RemoteTraceback(Exception):  # type: ignore[no-redef]
+        """Carries the worker-side traceback; the ``__cause__`` of a task's exception."""
+
+        def __init__(self, tb: str) -> None:
+            super().__init__(tb)
+            self.tb = tb
+
+        def __str__(self) -> str:
+            return self.tb
 
 
 class NamespaceError(OSError):

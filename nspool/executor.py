@@ -66,6 +66,7 @@ class _Engine(PoolDriver):
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
         self.sel.register(self.launcher.fileno(), selectors.EVENT_READ, self.launcher)
+        self.control_writing = False  # also waiting for room in the control socket
         self.thread = threading.Thread(target=self._run, name="nspool-io", daemon=True)
         self.thread.start()
         _live_engines.add(self)
@@ -114,6 +115,18 @@ class _Engine(PoolDriver):
         except KeyError:
             pass
 
+    def _want_control_write(self) -> None:
+        if threading.current_thread() is not self.thread:
+            self.wake()  # the I/O thread sees the outbox at the end of its next round
+
+    def _watch_control(self) -> None:
+        """Wait for room in the control socket exactly while the launcher's outbox is full."""
+        want = bool(self.launcher.outbox)
+        if want != self.control_writing and not self.launcher.closed:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            self.sel.modify(self.launcher.fileno(), events, self.launcher)
+            self.control_writing = want
+
     # -- the I/O thread -------------------------------------------------------------------------
     def _run(self) -> None:
         done: list[Completion] = []
@@ -122,12 +135,15 @@ class _Engine(PoolDriver):
                 events = self.sel.select()
                 done = []
                 with self.lock:
-                    for key, _ in events:
+                    for key, mask in events:
                         what = key.data
                         if what is None:
                             self._drain_wake()
                         elif what is self.launcher:
-                            self.on_control(done)
+                            if mask & selectors.EVENT_WRITE:
+                                self.launcher.flush()
+                            if mask & selectors.EVENT_READ:
+                                self.on_control(done)
                         elif isinstance(what, Conn):
                             if what.result_fd >= 0:
                                 self.on_readable(what, done)
@@ -140,10 +156,12 @@ class _Engine(PoolDriver):
                         if conn.out and not conn.writing:
                             self.flush(conn)
                     self.step(done)
+                    self._watch_control()
                     finished = self.broken is not None or (
                         self.shutdown_requested and self.core.idle
                     )
                 _complete(done)
+                done = []  # a future kept here would keep its result alive while we wait
                 if finished:
                     break
         except BaseException as exc:  # noqa: BLE001 - a bug here must not hang the program
@@ -220,6 +238,19 @@ def _complete(done: list[Completion]) -> None:
 
 
 _live_engines: weakref.WeakSet[_Engine] = weakref.WeakSet()
+
+
+def _forget_engines_in_child() -> None:
+    """In a child forked from the program: the pools are the parent's. Their I/O threads do
+    not exist here, and a lock one of them held at the fork would stay held for ever, so give
+    each a fresh lock (its driver already calls itself broken) and leave it out of the exit
+    handler: the child exits at once and never touches the parent's pool."""
+    for engine in list(_live_engines):
+        engine.lock = threading.RLock()
+    _live_engines.clear()
+
+
+os.register_at_fork(after_in_child=_forget_engines_in_child)
 
 
 def _python_exit() -> None:
@@ -414,22 +445,23 @@ class NSPoolExecutor(Executor):
         executor_ref = weakref.ref(self)
 
         def results() -> Iterator[Any]:
+            # No reference to a future or a value may live across a ``yield``: the caller
+            # decides when a result dies (as the stdlib's map does).
             try:
                 while fs:
-                    fut = fs.popleft()
                     if buffersize is not None:
                         ex = executor_ref()
                         nxt = next(args_iter, None)
                         if ex is not None and nxt is not None:
                             fs.append(ex.submit(call, *nxt))
-                    if end_time is None:
-                        value = fut.result()
-                    else:
-                        value = fut.result(end_time - time.monotonic())
+                        del ex, nxt
                     if chunksize > 1:
-                        yield from value
+                        chunk = _result_or_cancel(fs.popleft(), end_time)
+                        chunk.reverse()
+                        while chunk:
+                            yield chunk.pop()
                     else:
-                        yield value
+                        yield _result_or_cancel(fs.popleft(), end_time)
             finally:
                 for f in fs:
                     f.cancel()
@@ -465,6 +497,17 @@ class NSPoolExecutor(Executor):
             self.kill_workers()
         else:
             self.shutdown(wait=True)
+
+
+def _result_or_cancel(fut: Future[T], end_time: float | None) -> T:
+    """``fut``'s result by ``end_time``; a future given up on is cancelled (as the stdlib's)."""
+    try:
+        try:
+            return fut.result(None if end_time is None else end_time - time.monotonic())
+        finally:
+            fut.cancel()
+    finally:
+        del fut  # the frame may outlive this call in a traceback
 
 
 def _chunks(it: Iterator[T], size: int) -> Iterator[list[T]]:

@@ -515,10 +515,17 @@ def test_requeued_tasks_go_to_the_next_worker_first() -> None:
     for seq in (1, 2, 3, 4):
         core.on_result(w2.wid, seq, 0.0)
     core.avg_task_time = 0.25
+    # Until w1's replacement is up, w2 takes one task at a time (no batching while the pool
+    # could start a worker): the requeued 3 first.
+    actions = core.schedule(0.0)
+    assert sent(actions) == {w2.wid: [3]}
+    assert inflight_seqs(w2) == [5]  # a new seq on its new worker
+    (w3,) = actions.spawn
+    ready(core, [w3])
     actions = core.schedule(0.0, spawn=False)
-    assert sent(actions) == {w2.wid: [3, 5, 7, 9]}
-    assert inflight_seqs(w2) == [5, 6, 7, 8]  # new seqs on their new worker
-    assert queue_ids(core) == [10]
+    # Every worker is up: batches again, the requeued 5 and 7 still before 9 and 10.
+    assert sent(actions) == {w3.wid: [5, 9], w2.wid: [7, 10]}
+    assert not core.queue
 
 
 def test_exit_of_an_idle_worker_loses_nothing() -> None:
@@ -706,10 +713,30 @@ def test_cancel_queued_keeps_claimed_tasks() -> None:
     core.on_exit(w1.wid, WorkerEnd(started=1))  # 3 requeued in front of 5, 6
     assert queue_ids(core) == [3, 5, 6]
     dropped = core.cancel_queued()
-    assert dropped == [tasks[4], tasks[5]]
+    # 3 is running already; 5 stays for the worker the pool may still start in w1's place.
+    assert dropped == [tasks[5]]
     assert all(t.state is TState.DONE for t in dropped)
-    assert queue_ids(core) == [3]
+    assert queue_ids(core) == [3, 5]
     assert core.cancel_queued() == []
+    assert queue_ids(core) == [3, 5]
+
+
+def test_cancel_queued_keeps_what_free_workers_would_take() -> None:
+    """As the stdlib pool runs what is in its call queue: on a cold pool, cancel_futures
+    keeps one task per worker the pool may start, and one per idle or starting worker."""
+    core = PoolCore(3)
+    tasks = submit(core, 10)
+    assert core.cancel_queued() == tasks[3:]
+    assert queue_ids(core) == [1, 2, 3]
+
+    core = PoolCore(3)
+    submit(core, 2)
+    w1, w2 = core.schedule(0.0).spawn
+    ready(core, [w1, w2])
+    core.schedule(0.0)
+    assert inflight_ids(w1) == [1] and inflight_ids(w2) == [2]
+    tasks = submit(core, 10, start=3)
+    assert core.cancel_queued() == tasks[1:]  # one stays: the third worker may still start
     assert queue_ids(core) == [3]
 
 
@@ -1079,3 +1106,23 @@ def test_forced_worker_still_starting_gets_no_task_once_ready() -> None:
     submit(core, 1, start=2)
     assert not core.schedule(0.0)
     assert queue_ids(core) == [2]
+
+
+def test_no_batching_while_the_pool_could_start_a_worker() -> None:
+    """The batching trap: one warm worker, short tasks so far, and room for seven more
+    workers: eight new tasks must not queue behind each other in the warm one."""
+    core = PoolCore(8, batch_window=1.0)
+    submit(core, 1)
+    (w1,) = core.schedule(0.0).spawn
+    ready(core, [w1])
+    core.schedule(0.0)
+    core.on_result(w1.wid, 1, 0.001)  # tasks look tiny: depth would allow batches
+    assert core.depth() > 1
+    submit(core, 8, start=2)
+    actions = core.schedule(0.0)
+    assert sent(actions) == {w1.wid: [2]}
+    assert len(actions.spawn) == 7
+    ready(core, actions.spawn[:6])
+    actions = core.schedule(0.0)  # one worker still starting: still one task per worker
+    assert sorted(len(ts) for _, ts in actions.send) == [1] * 6
+    assert queue_ids(core) == [9]

@@ -323,8 +323,11 @@ class PoolMachine(RuleBasedStateMachine):
     def cancel_queued(self) -> None:
         """shutdown(cancel_futures=True) once some task went back to the queue: it must stay."""
         out = self.core.cancel_queued()
-        assert out == [t for t in self.queue if not t.claimed]
-        self.queue = [t for t in self.queue if t.claimed]
+        unclaimed = [t for t in self.queue if not t.claimed]
+        # Only unclaimed tasks go, from the back: those at the head stay for free workers.
+        assert out == unclaimed[len(unclaimed) - len(out) :]
+        assert len(unclaimed) - len(out) <= self.core.max_workers
+        self.queue = [t for t in self.queue if t not in out]
         for t in out:
             self._settle(t, "cancel_queued")
 

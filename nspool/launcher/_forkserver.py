@@ -199,6 +199,11 @@ def run(ctrl: socket.socket, lifeline: int, config: dict[str, object]) -> NoRetu
                     )
                 )
                 os._exit(1)
+        authkey = config.get("authkey")
+        if isinstance(authkey, str):
+            import multiprocessing.process  # about 1 ms, once per pool
+
+            multiprocessing.process.current_process().authkey = bytes.fromhex(authkey)
         options = WorkerOptions(
             kill_leftovers=bool(config.get("kill_leftovers", True)),
             private_proc=bool(config.get("private_proc", False)),

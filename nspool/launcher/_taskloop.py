@@ -19,7 +19,7 @@ import time
 import traceback
 from typing import Any, NamedTuple, NoReturn
 
-from .. import _serialize
+from .. import _serialize, _task_errors
 from .._protocol import (
     FrameDecoder as _FrameDecoder,
 )
@@ -32,7 +32,6 @@ from .._protocol import (
     encode_init_msg,
     split_task,
 )
-from .._task_errors import TaskPicklingError, TaskUnpicklingError
 from . import _syscalls
 
 
@@ -170,8 +169,8 @@ class TaskLoop:
         try:
             fn, args, kwargs = _serialize.loads(data)
         except BaseException as exc:  # noqa: BLE001
-            err = TaskUnpicklingError(
-                f"the worker could not unpickle the task: {type(exc).__name__}: {exc}"
+            err = _task_errors.TaskUnpicklingError(
+                f"the worker could not unpickle the task: {type(exc).__name__}: {exc}", exc
             )
             err.__traceback__ = exc.__traceback__
             return Kind.ERR, _serialize.dump_error(err)
@@ -187,12 +186,15 @@ class TaskLoop:
             _exit_as_forked_child(None)
         try:
             return Kind.OK, _serialize.dumps_result(result)
-        except BaseException as exc:  # noqa: BLE001
-            perr = TaskPicklingError(
+        except Exception as exc:  # noqa: BLE001
+            perr = _task_errors.TaskPicklingError(
                 f"the task's result of type {type(result).__name__} could not be pickled: "
-                f"{type(exc).__name__}: {exc}"
+                f"{type(exc).__name__}: {exc}",
+                exc,
             )
             return Kind.ERR, _serialize.dump_error(perr)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit...: the task's outcome, as the
+            return Kind.ERR, _serialize.dump_error(exc)  # stdlib pool reports it
 
     def serve(self) -> int:
         decoder = _FrameDecoder()
@@ -264,6 +266,8 @@ def main(
                 _write_all(result_fd, [encode_header(Kind.INIT_FAILED, 0, len(msg)), msg])
                 os._exit(1)
         code = TaskLoop(task_fd, result_fd, notify_fd, state, options, host_pid).serve()
+    except BrokenPipeError:
+        pass  # the pool closed its end (shut down while we started): nobody to tell
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
     finally:
