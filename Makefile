@@ -8,7 +8,7 @@ PYENV_ROOT ?= $(or $(shell pyenv root 2>/dev/null),$(HOME)/.pyenv)
 PY_OLDEST ?= $(or $(lastword $(wildcard $(PYENV_ROOT)/versions/3.10.*/bin/python3.10)),$(shell command -v python3.10))
 PY_NEWEST ?= $(or $(lastword $(wildcard $(PYENV_ROOT)/versions/3.13.*/bin/python3.13)),$(shell command -v python3.13))
 
-.PHONY: demo test lint test-oldest test-newest test-unprivileged soak bench bench-quick clean
+.PHONY: demo test lint test-oldest test-newest test-stdlib test-unprivileged soak bench bench-quick clean
 
 .venv/.installed: pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -36,10 +36,19 @@ test-oldest: .venv-OLDEST/.installed
 test-newest: .venv-NEWEST/.installed
 	.venv-NEWEST/bin/python -m pytest
 
+# CPython's own ProcessPoolExecutor tests (its `test` package) against NSPoolExecutor, on both
+# Pythons; both always run, and each prints its summary (a Python without the test package
+# prints a SKIPPED line).
+test-stdlib: .venv-NEWEST/.installed .venv-OLDEST/.installed
+	@status=0; \
+	.venv-NEWEST/bin/python tests/stdlib_harness.py || status=1; \
+	.venv-OLDEST/bin/python tests/stdlib_harness.py || status=1; \
+	exit $$status
+
 test-unprivileged:
 	bash scripts/test-unprivileged.sh
 
-test: lint test-oldest test-newest test-unprivileged
+test: lint test-oldest test-newest test-stdlib test-unprivileged
 
 # The randomised stop/completion race tests, scaled up (SCALE=9: about 100,000 stops), with
 # one JSON line of figures per test in soak-report.jsonl.

@@ -7,9 +7,13 @@ run in the program import it where they need it.
 
 from __future__ import annotations
 
+import copyreg
+import io
 import pickle
 import traceback
+from collections import ChainMap
 from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
@@ -18,10 +22,29 @@ from . import _task_errors
 
 PROTOCOL = 5
 
+# multiprocessing's reducers for objects that stand for a file descriptor (Connection,
+# socket...): as in the stdlib pool, such an object travels as the descriptor itself (through
+# multiprocessing's resource sharer, authenticated with the authkey workers share). Plain
+# pickling would send its fd *number*, which names another file in the worker: one of
+# nspool's own pipes, perhaps. Looked up after the picklers' own tables, so they only add
+# types; a ChainMap sees types registered later (multiprocessing.connection registers
+# Connection when it is imported).
+_FD_REDUCERS: dict[type, Any] = ForkingPickler._extra_reducers  # type: ignore[attr-defined]
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    dispatch_table = ChainMap(cloudpickle.Pickler.dispatch_table, _FD_REDUCERS)
+
+
+class _ResultPickler(pickle.Pickler):
+    dispatch_table = ChainMap(copyreg.dispatch_table, _FD_REDUCERS)  # type: ignore[arg-type]
+
 
 def dumps(obj: Any) -> bytes:
-    data: bytes = cloudpickle.dumps(obj, protocol=PROTOCOL)
-    return data
+    """cloudpickle (functions and classes by value where needed)."""
+    with io.BytesIO() as f:
+        _Pickler(f, protocol=PROTOCOL).dump(obj)
+        return f.getvalue()
 
 
 loads = pickle.loads
@@ -31,7 +54,9 @@ def dumps_result(obj: Any) -> bytes:
     """Pickle a task's result: the C pickler first (several times faster for plain data),
     cloudpickle when the result needs pickling by value (a lambda, a local class...)."""
     try:
-        return pickle.dumps(obj, protocol=PROTOCOL)
+        with io.BytesIO() as f:
+            _ResultPickler(f, protocol=PROTOCOL).dump(obj)
+            return f.getvalue()
     except Exception:  # noqa: BLE001 - cloudpickle gets the last word
         return dumps(obj)
 
