@@ -1,4 +1,5 @@
-"""asyncio-only behaviour, run with pytest-asyncio: run_in_executor and task.cancel()."""
+"""asyncio-only behaviour, run with pytest-asyncio: run_in_executor, wrap_future and
+task.cancel()."""
 
 from __future__ import annotations
 
@@ -19,6 +20,23 @@ async def test_run_in_executor_works() -> None:
         loop = asyncio.get_running_loop()
         got = await asyncio.gather(*(loop.run_in_executor(ex, tasks.square, i) for i in range(8)))
         assert list(got) == [i * i for i in range(8)]
+
+
+@pytest.mark.asyncio
+async def test_wrap_future_keeps_results_and_error_types() -> None:
+    """asyncio.wrap_future over NSPoolExecutor futures: results, a task's own exception, and
+    a pickling error that stays catchable as the TypeError pickling raised."""
+    import threading
+
+    with NSPoolExecutor(2) as ex:
+        got = await asyncio.gather(
+            *(asyncio.wrap_future(ex.submit(tasks.square, i)) for i in range(8))
+        )
+        assert list(got) == [i * i for i in range(8)]
+        with pytest.raises(ValueError, match="boom"):
+            await asyncio.wrap_future(ex.submit(tasks.raise_value_error, "boom"))
+        with pytest.raises(TypeError, match="argument 0"):
+            await asyncio.wrap_future(ex.submit(tasks.square, threading.Lock()))
 
 
 @pytest.mark.asyncio
