@@ -1,5 +1,5 @@
-"""``python -m nspool demo``: shows workers in their own PID namespaces and a leaked daemon being
-torn down."""
+"""``python -m nspool demo``: shows workers in their own PID namespaces, and a leaked daemon
+torn down with its pool (part 1) and with its task (part 2, the default)."""
 
 from __future__ import annotations
 
@@ -57,28 +57,38 @@ def main() -> int:
     from . import NSPoolExecutor
 
     print(f"program: pid {os.getpid()}, PID namespace {os.readlink('/proc/self/ns/pid')}")
+    print()
+    print("1. Each worker is a PID namespace of its own: its init is PID 1 there, and the task")
+    print("   runs in an ordinary process whose PID there is the init's PID on the host. A pool's")
+    print("   shutdown takes everything its tasks started with it. (This pool keeps leftovers")
+    print("   until shutdown, kill_leftovers=False, to show that; the default kills them")
+    print("   sooner, see 2.)")
     t0 = time.perf_counter()
     with NSPoolExecutor(max_workers=2, kill_leftovers=False) as pool:
         took = (time.perf_counter() - t0) * 1e3
-        print(f"launcher started in {took:.0f} ms, pid {pool.launcher_pid}")
+        print(f"   launcher started in {took:.0f} ms, pid {pool.launcher_pid}")
         seen = {}
         for ns_pid, host_pid, ns in pool.map(whoami, [0.2, 0.2]):
             seen[host_pid] = (ns_pid, ns)
         for host_pid, (ns_pid, ns) in sorted(seen.items()):
-            print(f"  worker host pid {host_pid}: sees itself as PID {ns_pid} in {ns}")
+            print(f"   task process {host_pid} on the host is PID {ns_pid} in {ns}")
         daemon = pool.submit(start_daemon).result()
-        print(f"a task left a setsid'd, double-forked, SIGTERM-ignoring daemon: pid {daemon}")
-        print(f"  alive after the task returned: {_alive(daemon)}  ({_ps(daemon)})")
-        print("shutting the pool down ...")
+        print(f"   a task left a setsid'd, double-forked, SIGTERM-ignoring daemon: pid {daemon}")
+        print(f"   alive after the task returned: {_alive(daemon)}  ({_ps(daemon)})")
+        print("   shutting the pool down ...")
         t1 = time.perf_counter()
     took = (time.perf_counter() - t1) * 1e3
-    print(f"shutdown took {took:.1f} ms; daemon {daemon} alive now: {_alive(daemon)}")
+    print(f"   shutdown took {took:.1f} ms; daemon {daemon} alive now: {_alive(daemon)}")
+    first_ok = not _alive(daemon)
+    print()
+    print("2. With the default kill_leftovers=True, what a task leaves running dies the moment")
+    print("   the task returns, while the pool keeps serving.")
     with NSPoolExecutor(max_workers=1) as pool:
         daemon = pool.submit(start_daemon).result()
-        print(
-            f"with the default kill_leftovers=True the daemon dies with its task: "
-            f"alive after the task returned: {_alive(daemon)}"
-        )
-    ok = not _alive(daemon)
-    print("OK: nothing outlived the pool" if ok else "FAILED: something survived")
+        gone = not _alive(daemon)
+        print(f"   daemon {daemon} alive after the task returned: {not gone}")
+        print(f"   the same worker serves on: 6 * 7 = {pool.submit(int.__mul__, 6, 7).result()}")
+    ok = first_ok and gone
+    print()
+    print("OK: nothing outlived its task or the pool" if ok else "FAILED: something survived")
     return 0 if ok else 1

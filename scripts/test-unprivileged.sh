@@ -10,8 +10,13 @@ if [ "$(id -u)" != 0 ]; then
 fi
 python=${UNPRIV_PYTHON:-/usr/bin/python3}
 uid=${UNPRIV_UID:-65534}
+if [ ! -x "$python" ]; then
+  echo "test-unprivileged: skipped: no $python (set UNPRIV_PYTHON to a Python that uid $uid can read)"
+  exit 0
+fi
 dir=$(mktemp -d /tmp/nspool-unpriv.XXXXXX)
 trap 'rm -rf "$dir"' EXIT
+echo "== copying the sources to $dir and installing nspool[test] for $python ($("$python" --version 2>&1)) ..."
 (cd "$here" && git ls-files -z --cached --others --exclude-standard \
   | xargs -0 -I{} sh -c 'test -e "{}" && cp --parents "{}" "'"$dir"'"')
 "$python" -m venv "$dir/.venv"
