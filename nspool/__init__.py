@@ -1,6 +1,6 @@
 """nspool: a process pool whose workers cannot leak processes.
 
-Every worker is PID 1 of its own PID namespace, so whatever a task starts dies with the task,
+Every worker is a PID namespace of its own, so whatever a task starts dies with the task,
 the worker, the pool or the program (even after ``kill -9``).
 """
 

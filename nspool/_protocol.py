@@ -215,7 +215,9 @@ class Ctl(enum.IntEnum):
 
     HELLO = 1  #: launcher -> program: value = PID of the fork server (as the program sees it)
     ERROR = 2  #: launcher -> program: text = why the launcher cannot serve (then it exits)
-    SPAWN = 3  #: program -> launcher: start worker `wid`; 2 fds attached (task in, result out)
+    #: program -> launcher: start worker `wid`; 4 fds attached (task in, result out, stop in,
+    #: state block)
+    SPAWN = 3
     SPAWN_FAILED = 4  #: launcher -> program: value = errno, text = reason
     KILL = 5  #: program -> launcher: send signal `value` to worker `wid`
     EXITED = 6  #: launcher -> program: worker `wid` is gone with wait status `value`

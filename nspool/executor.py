@@ -317,7 +317,7 @@ class NSFuture(Future[T]):
 
 
 class NSPoolExecutor(Executor):
-    """A ``concurrent.futures.Executor`` whose workers are PID 1 of their own PID namespace.
+    """A ``concurrent.futures.Executor`` whose workers are each a PID namespace of their own.
 
     Drop-in for ``ProcessPoolExecutor``. Nothing a task starts outlives the task (unless
     ``kill_leftovers=False``), the worker, the pool, or the program, even after ``kill -9``.

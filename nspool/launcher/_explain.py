@@ -57,7 +57,8 @@ def explain_unshare_error(exc: OSError, user_ns: bool) -> str:
     elif code == errno.EINVAL:
         tips.append(
             "The kernel does not support this namespace type, or the caller is threaded or "
-            "chrooted. nspool needs Linux >= 3.8 with CONFIG_PID_NS and CONFIG_USER_NS."
+            "chrooted. nspool needs Linux >= 3.17 (3.19 unprivileged) with CONFIG_PID_NS and "
+            "CONFIG_USER_NS."
         )
     elif code == errno.ENOMEM:
         tips.append("The kernel is out of memory, or the PID namespace nesting limit (32) is hit.")
