@@ -15,6 +15,12 @@ cd "$(dirname "$0")/.."
 
 say() { printf '\n== %s\n' "$*"; }
 
+# pytest's temporary folders in a root of this run's own: a pytest run elsewhere on the machine
+# (another checkout, a terminal) would otherwise prune them under our feet.
+PYTEST_DEBUG_TEMPROOT=$(mktemp -d /tmp/nspool-test-all.XXXXXX)
+export PYTEST_DEBUG_TEMPROOT
+trap 'rm -rf "$PYTEST_DEBUG_TEMPROOT"' EXIT
+
 # -- which Pythons -------------------------------------------------------------------------
 version_of() { "$1" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null; }
 supported() { "$1" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null; }
@@ -60,15 +66,18 @@ say "Pythons: $(for r in "${roles[@]}"; do printf '%s %s (%s); ' "${r%%:*}" "$(v
 [ -n "$oldest" ] || echo "   no Python 3.10 found (pyenv or PATH; or set PY_OLDEST): the oldest supported version is not tested"
 [ -n "$newest" ] || echo "   no Python 3.13 found (pyenv or PATH; or set PY_NEWEST): the newest supported version is not tested"
 
-venv_for() {  # venv_for ROLE PYTHON: a virtual environment with nspool[test], made if missing
-  local dir=".venv-$1"
+venv_for() {  # venv_for ROLE PYTHON: a virtual environment for the tests, made if missing
+  local dir=".venv-$1" extras=test
+  # The newest Python also gets the benchmark peers and distributed, for the benchmark smoke
+  # run and the Dask tests (elsewhere those skip, saying why).
+  [ "$1" = "${roles[0]%%:*}" ] && extras=test,bench,dask
   if [ ! -f "$dir/.installed" ] || [ pyproject.toml -nt "$dir/.installed" ]; then
-    echo "   setting up $dir: Python $(version_of "$2") with nspool[test] (pytest, hypothesis, ruff, mypy, the benchmark peers) ..." >&2
+    echo "   setting up $dir: Python $(version_of "$2") with nspool[$extras] ..." >&2
     {
       rm -rf "$dir"
       "$2" -m venv "$dir"
       "$dir/bin/python" -m pip install --quiet --upgrade pip
-      "$dir/bin/python" -m pip install --quiet -e '.[test]'
+      "$dir/bin/python" -m pip install --quiet -e ".[$extras]"
       touch "$dir/.installed"
     } >&2  # stdout carries only the folder's name
   fi
