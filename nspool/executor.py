@@ -77,7 +77,8 @@ class _Engine(PoolDriver):
         return bool(task.handle.set_running_or_notify_cancel())
 
     def wake(self) -> None:
-        if not self.wake_pending:
+        # wake_w is -1 once the I/O thread has ended (its number may name another file by now)
+        if not self.wake_pending and self.wake_w >= 0:
             self.wake_pending = True
             try:
                 os.write(self.wake_w, b"!")
@@ -191,8 +192,11 @@ class _Engine(PoolDriver):
             self.close_all_fds()
         self.sel.close()
         self.launcher.close()  # waits until the launcher and everything under it is gone
-        os.close(self.wake_r)
-        os.close(self.wake_w)
+        with self.lock:  # wake() runs under the lock: it sees the pipe open, or -1
+            wake_r, wake_w = self.wake_r, self.wake_w
+            self.wake_r = self.wake_w = -1
+        os.close(wake_r)
+        os.close(wake_w)
         err = self.broken or BrokenProcessPool("the pool shut down before the task ran")
         _complete([(t.handle, None, t.stop_error or err) for t in leftover])
         _live_engines.discard(self)

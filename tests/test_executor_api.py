@@ -8,6 +8,7 @@ import threading
 import time
 from concurrent.futures import CancelledError, TimeoutError, wait
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import pytest
 import tasks
@@ -482,3 +483,34 @@ def test_a_bug_in_the_io_thread_fails_every_pending_future_and_says_so() -> None
     finally:
         threading.excepthook = old_hook
     assert [type(e) for e in caught] == [RuntimeError]
+
+
+def test_shutdown_while_the_io_thread_ends_leaves_its_closed_wake_pipe_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shutdown request that lands after the I/O thread closed its wake-up pipe but before
+    the thread ended must not write to that fd: EBADF (seen in CI), or worse, a byte into
+    whatever file took its number meanwhile. The I/O thread is held at that point here."""
+    import nspool.executor as executor_module
+
+    at_the_end = threading.Event()
+    go_on = threading.Event()
+    real_complete = executor_module._complete
+
+    with NSPoolExecutor(1) as pool:
+        assert pool.submit(tasks.square, 2).result(timeout=30) == 4
+        engine = pool._engine
+
+        def held_complete(done: list[Any]) -> None:
+            real_complete(done)
+            if threading.current_thread() is engine.thread and engine.launcher.closed:
+                at_the_end.set()  # the I/O thread's very last step: its pipes are closed
+                go_on.wait(10)
+
+        monkeypatch.setattr(executor_module, "_complete", held_complete)
+        pool.shutdown(wait=False)
+        assert at_the_end.wait(10)
+        try:
+            engine.request_shutdown()  # the thread is alive, its wake-up pipe closed
+        finally:
+            go_on.set()
