@@ -42,9 +42,9 @@ soak:
 
 # The benchmarks compare nspool with its peers (loky, pebble, trio-parallel...): their own venv.
 .venv-bench/.installed: pyproject.toml
-	@echo "== setting up .venv-bench: nspool[bench] ($$($(PYTHON) --version))"
+	@echo "== setting up .venv-bench: nspool[bench,dask] ($$($(PYTHON) --version))"
 	$(PYTHON) -m venv .venv-bench
-	.venv-bench/bin/python -m pip install --quiet -e '.[bench]'
+	.venv-bench/bin/python -m pip install --quiet -e '.[bench,dask]'
 	touch $@
 
 bench: .venv-bench/.installed
