@@ -92,13 +92,20 @@ def _last_json(out: str) -> dict[str, Any]:
 def _queue_and_dict_proxies() -> Iterator[tuple[Any, Any]]:
     """A Manager() queue and dict; on the way out the manager is shut down and freed (its
     process's pipes closed)."""
-    manager = multiprocessing.Manager()
+    from multiprocessing import resource_tracker
+
+    tracker: Any = resource_tracker._resource_tracker  # type: ignore[attr-defined]
+    had_tracker = tracker._pid is not None
+    # spawn: forking this (multi-threaded) test process for the manager could deadlock it
+    manager = multiprocessing.get_context("spawn").Manager()
     try:
         yield manager.Queue(), manager.dict()
     finally:
         manager.shutdown()
         del manager
         gc.collect()  # the proxies' finalizers close their connections to the manager
+        if not had_tracker:
+            tracker._stop()  # spawn started multiprocessing's resource tracker: ours to stop
 
 
 def test_manager_proxies_work_as_task_arguments() -> None:
