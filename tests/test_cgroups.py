@@ -1,0 +1,638 @@
+"""The cgroup layer (nspool._cgroups): file-level logic on scratch trees that imitate the v1
+and v2 layouts, and live tests on this machine's real cgroups (root; skipped otherwise)."""
+
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nspool import _cgroups as cg
+from nspool._cgroups import (
+    CgroupBusyError,
+    CgroupUnavailableError,
+    Limits,
+    PoolCgroups,
+    Usage,
+    detect_layout,
+    parse_memory_limit,
+    parse_mountinfo,
+    parse_proc_cgroup,
+)
+
+MiB = 1 << 20
+
+# --------------------------------------------------------------------------------------------
+# Limits
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (4096, 4096),
+        ("4096", 4096),
+        ("512M", 512 * MiB),
+        ("512m", 512 * MiB),
+        ("2G", 2 << 30),
+        ("1.5G", 3 << 29),
+        ("64MiB", 64 * MiB),
+        ("100k", 100 * 1024),
+        (" 1T ", 1 << 40),
+        ("8KB", 8192),
+    ],
+)
+def test_memory_limit_parser(text: int | str, expected: int) -> None:
+    assert parse_memory_limit(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "M", "12X", "-5M", "1e9", "1 2M", 0, 100, True, 1.5, None])
+def test_bad_memory_limits_are_value_errors(bad: object) -> None:
+    with pytest.raises(ValueError, match="memory_limit"):
+        parse_memory_limit(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"pids_limit": 0}, "pids_limit must be at least 1"),
+        ({"pids_limit": 2.5}, "pids_limit must be an int"),
+        ({"pids_limit": True}, "pids_limit must be an int"),
+        ({"cpu_limit": 0}, "cpu_limit"),
+        ({"cpu_limit": 0.001}, "cpu_limit"),
+        ({"cpu_limit": float("inf")}, "cpu_limit"),
+        ({"cpu_limit": float("nan")}, "cpu_limit"),
+        ({"cpu_limit": "half"}, "cpu_limit"),
+        ({"memory_limit": "lots"}, "memory_limit 'lots' is not a size"),
+    ],
+)
+def test_bad_limits_are_value_errors(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Limits.parse(**kwargs)  # type: ignore[arg-type]
+
+
+def test_limits_controllers_and_quota() -> None:
+    assert not Limits.parse()
+    lim = Limits.parse("1G", 10, 0.25)
+    assert lim == Limits(memory=1 << 30, pids=10, cpu=0.25)
+    assert lim.controllers() == {"memory", "pids", "cpu"}
+    assert lim.cpu_quota_us == 25_000
+    assert Limits.parse(cpu_limit=2).cpu_quota_us == 200_000
+    assert Limits.parse(cpu_limit=0.01).cpu_quota_us == 1_000
+
+
+# --------------------------------------------------------------------------------------------
+# mountinfo and /proc/self/cgroup
+
+HYBRID_MOUNTINFO = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime shared:5 - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+50 23 0:40 /docker/abc /mnt/with\\040space ro,relatime - cgroup cgroup rw,cpu,cpuacct
+"""
+
+HYBRID_CGROUP = """\
+9:name=systemd:/
+8:pids:/
+4:memory:/process_api/21df
+2:cpuacct:/
+1:cpu:/
+0::/
+"""
+
+
+def test_parse_mountinfo() -> None:
+    mounts = parse_mountinfo(HYBRID_MOUNTINFO)
+    assert [m.mountpoint for m in mounts] == [
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/cpuacct",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup/systemd",
+        "/sys/fs/cgroup/unified",
+        "/mnt/with space",
+    ]
+    assert mounts[3].options == {"rw", "pids"} and mounts[3].fstype == "cgroup"
+    assert mounts[5].fstype == "cgroup2"
+    assert mounts[6].root == "/docker/abc" and mounts[6].readonly
+    assert not mounts[0].readonly
+
+
+def test_parse_proc_cgroup() -> None:
+    paths = parse_proc_cgroup(HYBRID_CGROUP + "5:cpu,cpuacct:/a/b (deleted)\n")
+    assert paths["memory"] == "/process_api/21df"
+    assert paths[""] == "/" and paths["name=systemd"] == "/"
+    assert paths["cpu"] == paths["cpuacct"] == "/a/b"
+
+
+# --------------------------------------------------------------------------------------------
+# Scratch trees
+
+
+def _mkcg(path: Path, files: dict[str, str] | None = None) -> Path:
+    """A fake cgroup directory with a cgroup.procs and whatever else is given."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "cgroup.procs").write_text("")
+    for name, text in (files or {}).items():
+        (path / name).write_text(text)
+    return path
+
+
+def _fake_rmdir(d: str) -> None:
+    """rmdir as a cgroup filesystem does it: EBUSY with processes or child cgroups inside,
+    otherwise the control files go with the directory."""
+    p = Path(d)
+    if not p.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such cgroup", d)
+    if (p / "cgroup.procs").exists() and (p / "cgroup.procs").read_text().split():
+        raise OSError(errno.EBUSY, "busy", d)
+    if any(c.is_dir() for c in p.iterdir()):
+        raise OSError(errno.EBUSY, "has children", d)
+    for c in p.iterdir():
+        c.unlink()
+    p.rmdir()
+
+
+@pytest.fixture
+def fake_fs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cg, "_rmdir", _fake_rmdir)
+
+
+def v1_tree(root: Path) -> tuple[str, str]:
+    """A hybrid machine like this one: v1 cpu,cpuacct co-mounted, memory, pids; v2 without
+    controllers. Returns (mountinfo, /proc/self/cgroup)."""
+    _mkcg(root / "memory" / "job" / "7", {"memory.limit_in_bytes": "9223372036854771712"})
+    _mkcg(root / "memory")
+    _mkcg(root / "pids")
+    _mkcg(root / "cpu,cpuacct")
+    _mkcg(root / "unified", {"cgroup.controllers": "hugetlb\n"})
+    mountinfo = textwrap.dedent(
+        f"""\
+        32 31 0:29 / {root}/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+        35 31 0:32 / {root}/memory rw - cgroup cgroup rw,memory
+        39 31 0:36 / {root}/pids rw - cgroup cgroup rw,pids
+        41 31 0:38 / {root}/unified rw - cgroup2 cgroup2 rw
+        """
+    )
+    proc_cgroup = "8:pids:/\n4:memory:/job/7\n1:cpu,cpuacct:/\n0::/\n"
+    return mountinfo, proc_cgroup
+
+
+def v2_tree(root: Path, *, parent_enabled: str = "cpu memory pids") -> tuple[str, str]:
+    """A pure v2 machine, the process in a delegated systemd scope under app.slice."""
+    ctl = {"cgroup.controllers": "cpuset cpu io memory pids\n"}
+    _mkcg(root, {**ctl, "cgroup.subtree_control": "cpu io memory pids\n"})
+    app = root / "user.slice" / "user@1000.service" / "app.slice"
+    _mkcg(app, {**ctl, "cgroup.subtree_control": parent_enabled + "\n"})
+    _mkcg(app / "run-1.scope", {**ctl, "cgroup.subtree_control": "", "cgroup.procs": "4242\n"})
+    mountinfo = f"30 23 0:26 / {root} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+    proc_cgroup = "0::/user.slice/user@1000.service/app.slice/run-1.scope\n"
+    return mountinfo, proc_cgroup
+
+
+def test_detect_hybrid_v1(tmp_path: Path) -> None:
+    layout = detect_layout(*v1_tree(tmp_path))
+    h = layout.hierarchies
+    assert {c: h[c].version for c in h} == {"memory": 1, "pids": 1, "cpu": 1, "cpuacct": 1}
+    assert h["memory"].own_dir == str(tmp_path / "memory" / "job" / "7")
+    assert h["cpu"] is h["cpuacct"] or h["cpu"] == h["cpuacct"]
+    assert h["cpu"].controllers == {"cpu", "cpuacct"}
+    assert layout.describe()[0].startswith("memory: cgroup v1 at ")
+
+
+def test_detect_pure_v2(tmp_path: Path) -> None:
+    layout = detect_layout(*v2_tree(tmp_path))
+    h = layout.hierarchies
+    assert {c: h[c].version for c in h} == {"memory": 2, "pids": 2, "cpu": 2, "cpuacct": 2}
+    assert h["pids"].own_dir.endswith("app.slice/run-1.scope")
+
+
+def test_detect_mount_root_and_missing(tmp_path: Path) -> None:
+    # A container sees only part of the hierarchy: its mount root is /docker/abc.
+    _mkcg(tmp_path / "mem" / "inner")
+    mountinfo = f"35 31 0:32 /docker/abc {tmp_path}/mem rw - cgroup cgroup rw,memory\n"
+    layout = detect_layout(mountinfo, "4:memory:/docker/abc/inner\n")
+    assert layout.hierarchies["memory"].own_dir == str(tmp_path / "mem" / "inner")
+    assert "no cgroup hierarchy with the pids controller" in layout.missing["pids"]
+    assert "pids: unavailable" in layout.describe()[1]
+    # A process outside the mounted part: not usable.
+    layout = detect_layout(mountinfo, "4:memory:/elsewhere\n")
+    assert "memory" not in layout.hierarchies
+
+
+def test_v1_pool_on_a_scratch_tree(tmp_path: Path, fake_fs: None) -> None:
+    layout = detect_layout(*v1_tree(tmp_path))
+    limits = Limits.parse("64M", 8, 0.5)
+    pool = PoolCgroups.for_limits(limits, layout=layout, owner_pid=123)
+    assert pool.name.startswith("nspool-123-")
+    node_mem = tmp_path / "memory" / "job" / "7" / pool.name
+    node_cpu = tmp_path / "cpu,cpuacct" / pool.name
+    assert pool.nodes == {
+        "memory": str(node_mem),
+        "pids": str(tmp_path / "pids" / pool.name),
+        "cpu": str(node_cpu),
+        "cpuacct": str(node_cpu),
+    }
+    w = pool.create_worker(3)
+    leaf = node_mem / "w3"
+    assert (leaf / "memory.limit_in_bytes").read_text() == str(64 * MiB)
+    assert not (leaf / "memory.memsw.limit_in_bytes").exists()  # no swap accounting here
+    assert (tmp_path / "pids" / pool.name / "w3" / "pids.max").read_text() == "8"
+    assert (node_cpu / "w3" / "cpu.cfs_period_us").read_text() == "100000"
+    assert (node_cpu / "w3" / "cpu.cfs_quota_us").read_text() == "50000"
+    assert len(w.unique_dirs()) == 3  # cpu and cpuacct share one directory
+
+    pool.attach(w, 4321)
+    assert (leaf / "cgroup.procs").read_text() == "4321"
+    assert (node_cpu / "w3" / "cgroup.procs").read_text() == "4321"
+
+    # usage parsing
+    (node_cpu / "w3" / "cpuacct.usage_user").write_text("1500000000\n")
+    (node_cpu / "w3" / "cpuacct.usage_sys").write_text("250000000\n")
+    (node_cpu / "w3" / "cpuacct.usage").write_text("1750000000\n")
+    (leaf / "memory.max_usage_in_bytes").write_text(f"{100 * MiB}\n")
+    (leaf / "memory.usage_in_bytes").write_text(f"{10 * MiB}\n")
+    (leaf / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+    u = pool.usage(w)
+    assert u == Usage(1.5, 0.25, 1.75, 100 * MiB, 10 * MiB, 1)
+    assert pool.oom_killed(w)
+    assert pool.reset_peak(w)
+    assert (leaf / "memory.max_usage_in_bytes").read_text() == "0"
+
+    # the older cpuacct.stat (USER_HZ ticks) and the failcnt fallback
+    for name in ("cpuacct.usage_user", "cpuacct.usage_sys", "cpuacct.usage"):
+        (node_cpu / "w3" / name).unlink()
+    hz = os.sysconf("SC_CLK_TCK")
+    (node_cpu / "w3" / "cpuacct.stat").write_text(f"user {hz * 2}\nsystem {hz}\n")
+    (leaf / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\n")
+    (leaf / "memory.failcnt").write_text("0\n")
+    u2 = pool.usage(w)
+    assert (u2.cpu_user, u2.cpu_system, u2.cpu_total) == (2.0, 1.0, 3.0)
+    assert not pool.oom_killed(w)
+    assert u.since(u2).cpu_total == 0.0 and u2.since(Usage()).cpu_total is None
+
+    # overriding a limit per worker; a limit the pool has no controller for
+    pool.create_worker(4, memory_limit="1G")
+    assert (node_mem / "w4" / "memory.limit_in_bytes").read_text() == str(1 << 30)
+    with pytest.raises(ValueError, match="already has a cgroup"):
+        pool.create_worker(4)
+
+    # removal waits for the processes to leave, up to its deadline
+    with pytest.raises(CgroupBusyError, match="4321"):
+        pool.remove(w, timeout=0.05)
+    (leaf / "cgroup.procs").write_text("")
+    (node_cpu / "w3" / "cgroup.procs").write_text("")
+    (tmp_path / "pids" / pool.name / "w3" / "cgroup.procs").write_text("")
+    pool.remove(w)
+    assert not leaf.exists() and not (node_cpu / "w3").exists()
+    pool.remove(w)  # idempotent
+    pool.close()
+    assert not node_mem.exists() and not node_cpu.exists()
+    assert not (tmp_path / "pids" / pool.name).exists()
+    pool.close()
+    with pytest.raises(cg.CgroupError, match="closed"):
+        pool.create_worker(5)
+
+
+def test_v1_memsw_follows_memory(tmp_path: Path, fake_fs: None) -> None:
+    layout = detect_layout(*v1_tree(tmp_path))
+    with PoolCgroups(["memory"], (), limits=Limits(memory=8 * MiB), layout=layout) as pool:
+        # the kernel makes memory.memsw.* in every new cgroup where swap is accounted
+        node = Path(pool.nodes["memory"])
+        real_mkdir = os.mkdir
+
+        def mkdir_with_memsw(path: str, mode: int = 0o777) -> None:
+            real_mkdir(path, mode)
+            Path(path, "memory.memsw.limit_in_bytes").write_text("max")
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(os, "mkdir", mkdir_with_memsw)
+            pool.create_worker(1)
+        assert (node / "w1" / "memory.memsw.limit_in_bytes").read_text() == str(8 * MiB)
+        assert pool.controllers == {"memory"}
+        with pytest.raises(CgroupUnavailableError, match="no pids controller"):
+            pool.create_worker(2, pids_limit=3)
+
+
+def test_v2_pool_under_the_delegated_parent(tmp_path: Path, fake_fs: None) -> None:
+    """The scope holds the program, so its children can't get controllers: the pool node goes
+    under app.slice, which passes them down already."""
+    layout = detect_layout(*v2_tree(tmp_path))
+    app = tmp_path / "user.slice" / "user@1000.service" / "app.slice"
+    pool = PoolCgroups.for_limits(Limits.parse("512M", 16, 1.5), layout=layout)
+    node = app / pool.name
+    assert set(pool.nodes.values()) == {str(node)}
+    assert pool.version_of("memory") == 2
+    assert (node / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+    assert (app / "cgroup.subtree_control").read_text() == "cpu memory pids\n"  # untouched
+    w = pool.create_worker(1)
+    leaf = node / "w1"
+    assert w.unique_dirs() == [str(leaf)]
+    assert (leaf / "memory.max").read_text() == str(512 * MiB)
+    assert (leaf / "pids.max").read_text() == "16"
+    assert (leaf / "cpu.max").read_text() == "150000 100000"
+    assert not (leaf / "memory.swap.max").exists()
+
+    (leaf / "cpu.stat").write_text(
+        "usage_usec 2000000\nuser_usec 1500000\nsystem_usec 500000\nnr_periods 0\n"
+    )
+    (leaf / "memory.current").write_text("1048576\n")
+    (leaf / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    u = pool.usage(w)
+    assert u == Usage(1.5, 0.5, 2.0, None, MiB, 1)  # no memory.peak: kernel < 5.19
+    assert pool.oom_killed(w)
+    assert not pool.reset_peak(w)  # nothing to reset
+    (leaf / "memory.peak").write_text(f"{300 * MiB}\n")
+    assert pool.usage(w).memory_peak == 300 * MiB
+    assert pool.reset_peak(w) and w.peak_fd is not None  # remove() closes it (fd leak check)
+    pool.close()
+    assert not node.exists()
+
+
+def test_v2_enables_controllers_where_allowed(
+    tmp_path: Path, fake_fs: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = detect_layout(*v2_tree(tmp_path, parent_enabled="cpu"))
+    app = tmp_path / "user.slice" / "user@1000.service" / "app.slice"
+    writes: list[tuple[str, str]] = []
+    real_write = cg._write
+
+    def record(path: str, text: str) -> None:
+        writes.append((path, text))
+        real_write(path, text)
+
+    monkeypatch.setattr(cg, "_write", record)
+    with PoolCgroups.for_limits(Limits.parse(pids_limit=4), layout=layout) as pool:
+        # The scope holds the program; app.slice holds none, so pids (required) and memory
+        # (for usage) get enabled there, required first.
+        enabling = [t for p, t in writes if p == str(app / "cgroup.subtree_control")]
+        assert enabling == ["+pids", "+memory"]
+        assert pool.controllers == {"pids", "memory", "cpuacct"}
+        node = app / pool.name
+        assert (str(node / "cgroup.subtree_control"), "+memory +pids") in writes
+    assert not (app / pool.name).exists()
+
+
+def test_v2_own_cgroup_that_is_the_root(tmp_path: Path, fake_fs: None) -> None:
+    _mkcg(tmp_path, {"cgroup.controllers": "memory pids\n", "cgroup.procs": "1\n"})
+    layout = detect_layout(f"1 0 0:1 / {tmp_path} rw - cgroup2 none rw\n", "0::/\n")
+    with PoolCgroups.for_limits(Limits(memory=MiB), layout=layout) as pool:
+        assert pool.nodes["memory"] == str(tmp_path / pool.name)
+        assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory"
+
+
+def test_v2_without_delegation_is_a_clear_error(
+    tmp_path: Path, fake_fs: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = detect_layout(*v2_tree(tmp_path))
+    scope = layout.hierarchies["memory"].own_dir
+    app = os.path.dirname(scope)
+    monkeypatch.setattr(cg, "_writable", lambda path: path == scope)
+    with pytest.raises(CgroupUnavailableError) as info:
+        PoolCgroups.for_limits(Limits(memory=MiB), layout=layout)
+    msg = str(info.value)
+    assert "holds processes" in msg and f"{app} is not writable" in msg
+    assert "systemd-run --user --scope -p Delegate=yes" in msg
+    assert cg.check(["memory"], layout)["memory"] is not None
+    assert not any(p.name.startswith("nspool-") for p in tmp_path.rglob("*"))
+    # usage alone never fails: the figures it can't get are None
+    monkeypatch.setattr(cg, "_writable", lambda path: True)
+    assert cg.check(["memory", "cpuacct"], layout) == {"memory": None, "cpuacct": None}
+
+
+def test_v2_controller_not_passed_down(tmp_path: Path, fake_fs: None) -> None:
+    mountinfo, proc_cgroup = v2_tree(tmp_path)
+    app = tmp_path / "user.slice" / "user@1000.service" / "app.slice"
+    (app / "cgroup.controllers").write_text("cpu\n")
+    (app / "cgroup.subtree_control").write_text("cpu\n")
+    with pytest.raises(CgroupUnavailableError, match="does not get the controller"):
+        PoolCgroups.for_limits(Limits(pids=3), layout=detect_layout(mountinfo, proc_cgroup))
+
+
+def test_v1_unwritable_and_missing_controllers(
+    tmp_path: Path, fake_fs: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mountinfo, proc_cgroup = v1_tree(tmp_path)
+    layout = detect_layout(mountinfo, proc_cgroup)
+    monkeypatch.setattr(cg, "_writable", lambda path: False)
+    with pytest.raises(CgroupUnavailableError, match="cgroup v1 has no delegation"):
+        PoolCgroups.for_limits(Limits(memory=MiB), layout=layout)
+    # optional accounting that can't be had is left out, not an error
+    with PoolCgroups.for_limits(Limits(), layout=layout) as pool:
+        assert pool.controllers == frozenset()
+    layout = detect_layout(mountinfo.replace("rw,pids", "rw,freezer"), proc_cgroup)
+    monkeypatch.setattr(cg, "_writable", lambda path: True)
+    with pytest.raises(CgroupUnavailableError, match="pids: the cgroup v2 .* no cgroup v1"):
+        PoolCgroups.for_limits(Limits(pids=5), layout=layout)
+    with pytest.raises(ValueError, match="unknown cgroup controller"):
+        PoolCgroups(["blkio"], layout=layout)
+
+
+def test_remove_stale(tmp_path: Path, fake_fs: None) -> None:
+    layout = detect_layout(*v1_tree(tmp_path))
+    dead = _dead_pid()
+    stale = _mkcg(tmp_path / "pids" / f"nspool-{dead}-abcd")
+    _mkcg(stale / "w1")
+    busy = _mkcg(tmp_path / "pids" / f"nspool-{dead}-beef", {"cgroup.procs": "77\n"})
+    mine = _mkcg(tmp_path / "memory" / "job" / "7" / f"nspool-{os.getpid()}-1234")
+    other = _mkcg(tmp_path / "pids" / "somebody-else")
+    assert cg.remove_stale(layout) == [str(stale)]
+    assert busy.exists() and mine.exists() and other.exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+# --------------------------------------------------------------------------------------------
+# Live, on this machine's cgroups
+
+
+def _live_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "live cgroup tests need root (unprivileged: see the clear-error test)"
+    try:
+        layout = detect_layout()
+    except OSError as e:
+        return f"cannot read the cgroup layout: {e}"
+    problems = {c: why for c, why in cg.check(cg.CONTROLLERS, layout).items() if why}
+    if problems:
+        return f"no writable controller here: {problems}"
+    return None
+
+
+LIVE_REASON = _live_reason()
+live = pytest.mark.skipif(LIVE_REASON is not None, reason=LIVE_REASON or "")
+
+
+def _pool_dirs() -> set[str]:
+    """Every nspool pool directory in the places this layer makes them."""
+    try:
+        layout = detect_layout()
+    except OSError:
+        return set()
+    found: set[str] = set(glob.glob("/sys/fs/cgroup/*/nspool-*"))
+    for h in layout.hierarchies.values():
+        for place in (h.own_dir, os.path.dirname(os.path.normpath(h.own_dir))):
+            found.update(glob.glob(os.path.join(glob.escape(place), "nspool-*")))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_cgroup_left() -> Iterator[None]:
+    before = _pool_dirs()
+    yield
+    left = _pool_dirs() - before
+    for d in left:  # don't let one failure poison the machine
+        for sub in glob.glob(os.path.join(d, "*/")):
+            _rmdir_quiet(sub)
+        _rmdir_quiet(d)
+    assert not left, f"cgroups left behind: {sorted(left)}"
+
+
+def _rmdir_quiet(d: str) -> None:
+    try:
+        os.rmdir(d)
+    except OSError:
+        pass
+
+
+CHILD = textwrap.dedent(
+    """\
+    import os, sys, time
+    sys.stdin.readline()  # wait until the parent has moved us into the cgroup
+    what = sys.argv[1]
+    if what == "hog":
+        hog = []
+        while True:
+            hog.append(bytearray(8 << 20))
+            hog[-1][::4096] = b"x" * len(hog[-1][::4096])
+    elif what == "fork":
+        kids = []
+        try:
+            while True:
+                pid = os.fork()
+                if pid == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                kids.append(pid)
+        except OSError as e:
+            print(len(kids), e.errno, flush=True)
+        for pid in kids:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    elif what == "work":
+        block = bytearray(100 << 20)
+        block[::4096] = b"x" * len(block[::4096])
+        del block
+        end = time.process_time() + 0.3
+        while time.process_time() < end:  # a clock read is a system call: read it seldom
+            for i in range(20000):
+                pass
+    """
+)
+
+
+def _start_in(pool: PoolCgroups, w: cg.WorkerCgroup, what: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, what],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pool.attach(w, proc.pid)
+        assert pool.pids(w) == {proc.pid}
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc
+
+
+def _go(proc: subprocess.Popen[str], timeout: float = 10) -> str:
+    out, _ = proc.communicate("go\n", timeout=timeout)
+    return out
+
+
+@live
+def test_live_memory_limit_oom_kills_the_process() -> None:
+    with PoolCgroups.for_limits(Limits.parse(memory_limit="64M")) as pool:
+        w = pool.create_worker(1)
+        assert not pool.oom_killed(w)
+        proc = _start_in(pool, w, "hog")
+        _go(proc)
+        assert proc.returncode == -9
+        assert pool.oom_killed(w)
+        assert pool.usage(w).oom_kills == 1
+        pool.remove(w)
+        assert not os.path.exists(w.dirs["memory"])
+
+
+@live
+def test_live_pids_limit_makes_fork_fail_with_eagain() -> None:
+    with PoolCgroups.for_limits(Limits.parse(pids_limit=4), usage=False) as pool:
+        assert pool.controllers == {"pids"}
+        w = pool.create_worker(1)
+        proc = _start_in(pool, w, "fork")
+        assert _go(proc).split() == ["3", str(errno.EAGAIN)]  # itself and 3 children
+        assert proc.returncode == 0
+
+
+@live
+def test_live_usage_cpu_time_and_peak_memory() -> None:
+    with PoolCgroups.for_limits(Limits.parse(cpu_limit=1.0)) as pool:
+        assert pool.controllers == {"memory", "cpu", "cpuacct"}
+        w = pool.create_worker(1)
+        before = pool.usage(w)
+        proc = _start_in(pool, w, "work")
+        _go(proc)
+        assert proc.returncode == 0
+        spent = pool.usage(w).since(before)
+        assert spent.cpu_total is not None and 0.3 <= spent.cpu_total < 2.0, spent
+        assert spent.cpu_user is not None and spent.cpu_user >= 0.2, spent
+        assert spent.memory_peak is not None and spent.memory_peak >= 100 * MiB, spent
+        assert spent.oom_kills == 0
+        assert pool.reset_peak(w)
+        peak = pool.usage(w).memory_peak
+        assert peak is not None and peak < 100 * MiB  # the process is gone: peak restarts
+
+
+@live
+def test_live_close_kills_what_is_left_and_removes_everything() -> None:
+    pool = PoolCgroups.for_limits(Limits.parse("256M", 32, 0.5))
+    nodes = set(pool.nodes.values())
+    assert nodes and all(os.path.isdir(n) for n in nodes)
+    w1 = pool.create_worker(1)
+    pool.create_worker(2)
+    proc = _start_in(pool, w1, "hog")  # waits on stdin: still there at close
+    try:
+        with pytest.raises(CgroupBusyError):
+            pool.remove(w1, timeout=0.05)
+        pool.close()
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -9
+    assert not any(os.path.exists(n) for n in nodes)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="checks the unprivileged error; running as root")
+def test_unprivileged_without_delegation_is_a_clear_error() -> None:
+    layout = detect_layout()
+    if cg.check(["memory"], layout)["memory"] is None:
+        pytest.skip("this user has a delegated, writable memory controller")
+    with pytest.raises(CgroupUnavailableError, match="systemd-run --user --scope"):
+        PoolCgroups.for_limits(Limits.parse(memory_limit="64M"))
