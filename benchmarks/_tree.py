@@ -16,6 +16,11 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
+# The /proc checks are those of `python -m nspool bench`, which watches trees the same way.
+from nspool._bench import kill_all, proc_stat, running
+
+__all__ = ["Tree", "kill_all", "make_tree", "read_tree", "running", "wait_gone"]
+
 #: one process in this many is a setsid'd double-forked daemon
 DAEMON_EVERY = 10
 #: a safety net: tree processes exit on their own after this long, whatever happens
@@ -88,33 +93,11 @@ def read_tree(path: str, n: int, timeout: float) -> Tree:
     if len(pids) != n:
         raise AssertionError(f"the task reported {len(pids)} processes, not {n}")
     for pid in pids:
-        st = _stat(pid)
+        st = proc_stat(pid)
         if st is None or st[0] in "ZX":
             raise AssertionError(f"tree process {pid} is not running")
         pids[pid] = st[1]
     return Tree(worker, pids, daemons)
-
-
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time) of ``pid`` from /proc, or None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[19])  # state (field 3), starttime (field 22)
-
-
-def running(pids: dict[int, int]) -> list[int]:
-    """The ones still running: a zombie (dead, waiting for its parent to reap it) or a PID
-    now used by another process counts as gone."""
-    out = []
-    for pid, start in pids.items():
-        st = _stat(pid)
-        if st is not None and st[0] not in "ZX" and st[1] == start:
-            out.append(pid)
-    return out
 
 
 def wait_gone(pids: dict[int, int], timeout: float, spare: Collection[int] = ()) -> None:
@@ -125,17 +108,3 @@ def wait_gone(pids: dict[int, int], timeout: float, spare: Collection[int] = ())
         left = {p: left[p] for p in running(left)}
         if left and time.monotonic() > deadline:
             raise TimeoutError(f"{len(left)} tree processes still running after {timeout:g} s")
-
-
-def kill_all(pids: dict[int, int], timeout: float = 10.0) -> int:
-    """SIGKILL whatever of ``pids`` still runs, wait until it is gone; returns how many ran."""
-    import signal
-
-    alive = running(pids)
-    for pid in alive:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    wait_gone({p: pids[p] for p in alive}, timeout)
-    return len(alive)

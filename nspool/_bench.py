@@ -78,7 +78,7 @@ def noop(x: object) -> object:
     return x
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
+def proc_stat(pid: int) -> tuple[str, int] | None:
     """(state letter, start time in clock ticks) of ``pid`` from /proc, or None if gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -125,7 +125,7 @@ def make_tree(n: int) -> tuple[int, dict[int, int]]:
         raise RuntimeError(f"{n - len(lines)} of the {n} tree processes failed to start")
     starts = {}
     for line in lines:
-        st = _proc_stat(int(line))
+        st = proc_stat(int(line))
         if st is None or st[0] in "ZX":
             raise RuntimeError(f"tree process {int(line)} is not running")
         starts[int(line)] = st[1]
@@ -148,35 +148,35 @@ def reap_children() -> int:
 # -- /proc checks from the bench process --------------------------------------------------------
 
 
-def _running(pids: dict[int, int]) -> list[int]:
+def running(pids: dict[int, int]) -> list[int]:
     """The processes of ``pids`` still running; a zombie or a reused PID counts as gone."""
     out = []
     for pid, start in pids.items():
-        st = _proc_stat(pid)
+        st = proc_stat(pid)
         if st is not None and st[0] not in "ZX" and st[1] == start:
             out.append(pid)
     return out
 
 
-def _wait_gone(pids: dict[int, int], timeout: float) -> list[int]:
+def wait_gone(pids: dict[int, int], timeout: float) -> list[int]:
     """Poll /proc until none of ``pids`` runs, or ``timeout``; those still running."""
     deadline = time.monotonic() + timeout
     while True:
-        left = _running(pids)
+        left = running(pids)
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.001)
 
 
-def _kill(pids: dict[int, int]) -> int:
+def kill_all(pids: dict[int, int]) -> int:
     """SIGKILL whichever of ``pids`` still runs and wait until it is gone; how many ran."""
-    alive = _running(pids)
+    alive = running(pids)
     for pid in alive:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    _wait_gone({p: pids[p] for p in alive}, GONE_TIMEOUT)
+    wait_gone({p: pids[p] for p in alive}, GONE_TIMEOUT)
     return len(alive)
 
 
@@ -279,23 +279,16 @@ def _why(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Run the probe module from this very nspool, installed or not, with the standard library
-# first on sys.path (as the launcher's bootstrap does).
-_PROBE = (
-    "import sys; sys.path[:1] = [p for p in sys.path[:1] if p]; sys.path.append({parent!r}); "
-    "import runpy; runpy.run_module('nspool._bench_probe', run_name='__main__', alter_sys=True)"
-)
-
-
 class ProbeError(Exception):
     """The probe failed; the message is its own last line (the machine's refusal, usually)."""
 
 
 def _probe(mode: str, count: int) -> float:
     """Median spawn time (ms) of one mechanism, timed in a fresh interpreter."""
+    from ._launch import module_command  # (not at the top: workers import this module)
+
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE.format(parent=_PACKAGE_PARENT), mode, str(count)],
+        [*module_command("nspool._bench_probe"), mode, str(count)],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -418,18 +411,18 @@ def _bench_teardown(p: Params, figs: dict[str, Figure], trees: dict[int, int]) -
         def nspool_tree() -> tuple[float, float]:
             returned, starts = ns.submit(make_tree, p.tree).result(TIMEOUT)
             trees.update(starts)
-            if _wait_gone(starts, GONE_TIMEOUT):
+            if wait_gone(starts, GONE_TIMEOUT):
                 raise TimeoutError(f"the tree still ran {GONE_TIMEOUT:g} s after the return")
             took = (time.monotonic_ns() - returned) / 1e6
             time.sleep(max(0.0, returned / 1e9 + p.left_after_s - time.monotonic()))
-            return took, float(len(_running(starts)))
+            return took, float(len(running(starts)))
 
         def ppe_tree() -> float:
             returned, starts = ppe.submit(make_tree, p.tree).result(TIMEOUT)
             trees.update(starts)
             time.sleep(max(0.0, returned / 1e9 + p.left_after_s - time.monotonic()))
-            survivors = len(_running(starts))
-            _kill(starts)  # what the stdlib leaves, this run stops itself
+            survivors = len(running(starts))
+            kill_all(starts)  # what the stdlib leaves, this run stops itself
             ppe.submit(reap_children).result(TIMEOUT)
             return float(survivors)
 
@@ -514,10 +507,10 @@ def _cleanup(trees: dict[int, int]) -> int:
                 stop()
             except Exception:  # noqa: BLE001 - a helper that is already gone is fine
                 pass
-    if _wait_gone(_descendants(), GONE_TIMEOUT) or _running(trees):
-        left = {**_descendants(), **{p: trees[p] for p in _running(trees)}}
+    if wait_gone(_descendants(), GONE_TIMEOUT) or running(trees):
+        left = {**_descendants(), **{p: trees[p] for p in running(trees)}}
         _progress(f"killing {len(left)} processes the run left behind: {sorted(left)}")
-        return _kill(left)
+        return kill_all(left)
     return 0
 
 

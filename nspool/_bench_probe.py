@@ -73,11 +73,7 @@ def _spawn_times(count: int, newpid: bool, proc: bool) -> list[int]:
 def _in_user_namespace(count: int, proc: bool) -> list[int]:
     uid, gid = os.geteuid(), os.getegid()
     _syscalls.unshare(_syscalls.CLONE_NEWUSER | _syscalls.CLONE_NEWPID)
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:
-            f.write(text)
-    with open("/proc/self/gid_map", "w") as f:
-        f.write(f"{gid} {gid} 1")
+    _syscalls.write_id_maps(uid, gid)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # PID 1 of the new namespace: the fork server

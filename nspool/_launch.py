@@ -36,14 +36,19 @@ _F_SETPIPE_SZ = 1031
 #: pipe size asked for (the unprivileged maximum by default): fewer wake-ups for big payloads
 PIPE_SIZE = 1 << 20
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# `python -m nspool.launcher`, made to find this very nspool even when it is not installed,
-# without putting its folder in front of the standard library (as PYTHONPATH would), and
-# without `-c`'s current directory in front, where another nspool checkout may lie.
+# `python -m MODULE`, made to find this very nspool even when it is not installed, without
+# putting its folder in front of the standard library (as PYTHONPATH would), and without
+# `-c`'s current directory in front, where another nspool checkout may lie.
 _BOOTSTRAP = (
     "import sys; sys.path[:1] = [p for p in sys.path[:1] if p]; sys.path.append({parent!r}); "
     "import runpy; "
-    "runpy.run_module('nspool.launcher', run_name='__main__', alter_sys=True)"
+    "runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
 )
+
+
+def module_command(module: str) -> list[str]:
+    """The command line that runs ``python -m module`` from this very nspool (see above)."""
+    return [sys.executable, "-c", _BOOTSTRAP.format(parent=_PACKAGE_PARENT, module=module)]
 
 
 class WorkerEnds(NamedTuple):
@@ -99,12 +104,7 @@ class Launcher:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    _BOOTSTRAP.format(parent=_PACKAGE_PARENT),
-                    str(theirs.fileno()),
-                ],
+                [*module_command("nspool.launcher"), str(theirs.fileno())],
                 stdin=subprocess.PIPE,
                 pass_fds=(theirs.fileno(),),
                 start_new_session=True,

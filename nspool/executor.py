@@ -71,6 +71,14 @@ class _Engine(PoolDriver):
         self.thread.start()
         _live_engines.add(self)
 
+    def forget_in_child(self) -> None:
+        """Also, in a forked child: the I/O thread does not exist here, and a lock it held at
+        the fork would stay held for ever, so take a fresh lock and leave the exit handler
+        alone: the child exits at once and never touches the parent's pool."""
+        super().forget_in_child()
+        self.lock = threading.RLock()
+        _live_engines.discard(self)
+
     # -- called from user threads (with self.lock held) ---------------------------------------
     @staticmethod
     def _claim(task: Task) -> bool:
@@ -242,19 +250,6 @@ def _complete(done: list[Completion]) -> None:
 
 
 _live_engines: weakref.WeakSet[_Engine] = weakref.WeakSet()
-
-
-def _forget_engines_in_child() -> None:
-    """In a child forked from the program: the pools are the parent's. Their I/O threads do
-    not exist here, and a lock one of them held at the fork would stay held for ever, so give
-    each a fresh lock (its driver already calls itself broken) and leave it out of the exit
-    handler: the child exits at once and never touches the parent's pool."""
-    for engine in list(_live_engines):
-        engine.lock = threading.RLock()
-    _live_engines.clear()
-
-
-os.register_at_fork(after_in_child=_forget_engines_in_child)
 
 
 def _python_exit() -> None:

@@ -120,7 +120,7 @@ for stage in "${stages[@]}"; do
     if [ "$(id -u)" != 0 ]; then
       say "unprivileged stage skipped: this run is already unprivileged (uid $(id -u)), so the suite above covered it"
     elif ! command -v setpriv >/dev/null; then
-      say "unprivileged stage skipped: it needs setpriv (util-linux) to drop to uid 65534"
+      say "unprivileged stage skipped: it needs setpriv (util-linux) to drop to an unprivileged uid"
     else
       say "test suite as an unprivileged user (scripts/test-unprivileged.sh)"
       bash scripts/test-unprivileged.sh || failed+=("unprivileged suite")

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Run the test suite as an unprivileged user (uid 65534), the way most users run nspool.
+# Run the test suite as an unprivileged user (uid 1000), the way most users run nspool.
+# Not 65534: that is the kernel's overflow uid, which an unmapped user namespace reports for
+# everyone, so a bug that maps the wrong uid would go unnoticed for exactly that user.
 # /root and pyenv's interpreters are not readable by that user, so the sources are copied to a
 # world-readable temporary folder and the system interpreter gets a virtual environment there.
 set -euo pipefail
@@ -9,7 +11,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 0
 fi
 python=${UNPRIV_PYTHON:-/usr/bin/python3}
-uid=${UNPRIV_UID:-65534}
+uid=${UNPRIV_UID:-1000}
 if [ ! -x "$python" ]; then
   echo "test-unprivileged: skipped: no $python (set UNPRIV_PYTHON to a Python that uid $uid can read)"
   exit 0

@@ -110,3 +110,18 @@ def outcome(f: Future[Any]) -> tuple[str, Any]:
     if isinstance(exc, CancelledError):
         return "cancelled", exc
     return "error", exc
+
+
+#: ``python -c NO_NAMESPACES ARGS...`` runs ``python -m nspool ARGS...`` with namespaces
+#: switched off for that process tree, without touching the machine: inside a throwaway user
+#: namespace, the namespace limits under /proc/sys/user are that namespace's own.
+NO_NAMESPACES = """
+import os, sys
+from nspool.launcher import _syscalls as s
+uid, gid = os.geteuid(), os.getegid()
+s.unshare(s.CLONE_NEWUSER)
+s.write_id_maps(uid, gid)
+for limit in ('max_user_namespaces', 'max_pid_namespaces'):
+    open(f'/proc/sys/user/{limit}', 'w').write('0')
+os.execv(sys.executable, [sys.executable, '-m', 'nspool', *sys.argv[1:]])
+"""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from _procs import NO_NAMESPACES
 
 import nspool
 from nspool.__main__ import main
@@ -25,20 +26,6 @@ FIGURE_KEYS = {
     "note",
     "error",
 }
-# Switches namespaces off for one process tree without touching the machine (as in
-# test_doctor): inside a throwaway user namespace, the limits are that namespace's own.
-_NO_NAMESPACES = """
-import os, sys
-from nspool.launcher import _syscalls as s
-uid, gid = os.geteuid(), os.getegid()
-s.unshare(s.CLONE_NEWUSER)
-open('/proc/self/setgroups', 'w').write('deny')
-open('/proc/self/uid_map', 'w').write(f'{uid} {uid} 1')
-open('/proc/self/gid_map', 'w').write(f'{gid} {gid} 1')
-for limit in ('max_user_namespaces', 'max_pid_namespaces'):
-    open(f'/proc/sys/user/{limit}', 'w').write('0')
-os.execv(sys.executable, [sys.executable, '-m', 'nspool', *sys.argv[1:]])
-"""
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> str:
@@ -143,7 +130,7 @@ def test_bench_table() -> None:
 
 
 def test_bench_reports_a_refusal_and_fails() -> None:
-    done = _bench(prefix=("-c", _NO_NAMESPACES))
+    done = _bench(prefix=("-c", NO_NAMESPACES))
     assert done.returncode == 1, done.stdout + done.stderr
     assert "0 of 6 figures measured" in done.stdout
     assert "not measured [1]" in done.stdout

@@ -5,20 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-# Switches namespaces off for one process tree without touching the machine: inside a
-# throwaway user namespace, the namespace limits under /proc/sys/user are that namespace's own.
-_NO_NAMESPACES = """
-import os, sys
-from nspool.launcher import _syscalls as s
-uid, gid = os.geteuid(), os.getegid()
-s.unshare(s.CLONE_NEWUSER)
-open('/proc/self/setgroups', 'w').write('deny')
-open('/proc/self/uid_map', 'w').write(f'{uid} {uid} 1')
-open('/proc/self/gid_map', 'w').write(f'{gid} {gid} 1')
-for limit in ('max_user_namespaces', 'max_pid_namespaces'):
-    open(f'/proc/sys/user/{limit}', 'w').write('0')
-os.execv(sys.executable, [sys.executable, '-m', 'nspool', *sys.argv[1:]])
-"""
+from _procs import NO_NAMESPACES
 
 
 def test_doctor_reports_a_working_machine() -> None:
@@ -42,7 +29,7 @@ def test_doctor_reports_a_working_machine() -> None:
 
 def test_doctor_fails_with_the_remedy_when_namespaces_are_off() -> None:
     out = subprocess.run(
-        [sys.executable, "-c", _NO_NAMESPACES, "doctor"],
+        [sys.executable, "-c", NO_NAMESPACES, "doctor"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -55,7 +42,7 @@ def test_doctor_fails_with_the_remedy_when_namespaces_are_off() -> None:
 
 
 def test_the_constructor_raises_namespace_error_when_namespaces_are_off() -> None:
-    script = _NO_NAMESPACES.replace(
+    script = NO_NAMESPACES.replace(
         "os.execv(sys.executable, [sys.executable, '-m', 'nspool', *sys.argv[1:]])",
         "from nspool import NSPoolExecutor, NamespaceError\n"
         "try:\n"

@@ -19,17 +19,6 @@ from . import _syscalls
 from ._explain import explain_unshare_error
 
 
-def _write_id_maps() -> None:
-    # Map the caller's own ids (not root) so that files a task writes belong to the caller.
-    uid, gid = os.geteuid(), os.getegid()
-    with open("/proc/self/setgroups", "w") as f:
-        f.write("deny")
-    with open("/proc/self/uid_map", "w") as f:
-        f.write(f"{uid} {uid} 1")
-    with open("/proc/self/gid_map", "w") as f:
-        f.write(f"{gid} {gid} 1")
-
-
 def main() -> NoReturn:
     # Any usual signal kills the launcher quietly (no KeyboardInterrupt traceback).
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
@@ -43,12 +32,13 @@ def main() -> NoReturn:
         if path not in sys.path:
             sys.path.insert(0, path)
 
-    user_ns = os.geteuid() != 0
+    uid, gid = os.geteuid(), os.getegid()  # before the unshare (see write_id_maps)
+    user_ns = uid != 0
     flags = _syscalls.CLONE_NEWPID | (_syscalls.CLONE_NEWUSER if user_ns else 0)
     try:
         _syscalls.unshare(flags)
         if user_ns:
-            _write_id_maps()
+            _syscalls.write_id_maps(uid, gid)
     except OSError as exc:
         text = explain_unshare_error(exc, user_ns)
         ctrl.send(encode_control(Control(Ctl.ERROR, 0, exc.errno or 0, text)))

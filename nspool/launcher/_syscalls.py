@@ -103,3 +103,17 @@ def set_next_pid(pid: int) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def write_id_maps(uid: int, gid: int) -> None:
+    """In a fresh user namespace: map the caller's own ``uid`` and ``gid`` (not root), so that
+    files written there belong to the caller; setgroups is denied first, as the kernel requires.
+
+    Read them *before* the unshare: inside the new, unmapped namespace ``os.geteuid()`` says
+    65534 (the overflow uid), and mapping that fails for everyone else (EPERM)."""
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"{uid} {uid} 1")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"{gid} {gid} 1")
