@@ -20,6 +20,9 @@ _LAZY = {
     "open_pool": "aio",
     "run_sync": "aio",
     "BrokenProcessPool": "errors",
+    "CgroupUnavailableError": "errors",
+    "MemoryLimitError": "errors",
+    "TaskUsage": "_usage",
     "LauncherDiedError": "errors",
     "NamespaceError": "errors",
     "PoolInitializerError": "errors",
@@ -32,7 +35,9 @@ _LAZY = {
 __all__ = [
     "AsyncPool",
     "BrokenProcessPool",
+    "CgroupUnavailableError",
     "LauncherDiedError",
+    "MemoryLimitError",
     "NSFuture",
     "NSPoolExecutor",
     "NamespaceError",
@@ -40,6 +45,7 @@ __all__ = [
     "TaskPicklingError",
     "TaskTimeoutError",
     "TaskUnpicklingError",
+    "TaskUsage",
     "WorkerDiedError",
     "current_default_pool_limiter",
     "open_pool",
@@ -47,10 +53,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from ._usage import TaskUsage
     from .aio import AsyncPool, current_default_pool_limiter, open_pool, run_sync
     from .errors import (
         BrokenProcessPool,
+        CgroupUnavailableError,
         LauncherDiedError,
+        MemoryLimitError,
         NamespaceError,
         PoolInitializerError,
         TaskPicklingError,

@@ -42,11 +42,12 @@ import errno
 import math
 import os
 import re
-import secrets
 import signal
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+
+from ._cgroup_errors import CgroupBusyError, CgroupError, CgroupUnavailableError
 
 __all__ = [
     "CONTROLLERS",
@@ -59,6 +60,7 @@ __all__ = [
     "Mount",
     "PoolCgroups",
     "Usage",
+    "UsageMeter",
     "WorkerCgroup",
     "check",
     "detect_layout",
@@ -67,6 +69,7 @@ __all__ = [
     "parse_mountinfo",
     "parse_pids_limit",
     "parse_proc_cgroup",
+    "remove_pool",
     "remove_stale",
 ]
 
@@ -87,19 +90,6 @@ HOW_TO_GET_ONE = (
     "(needs a systemd user session and cgroup v2; the controllers must be delegated to the "
     "user, which systemd does by default for memory, pids and cpu)"
 )
-
-
-class CgroupError(OSError):
-    """A cgroup operation failed."""
-
-
-class CgroupUnavailableError(CgroupError):
-    """A limit was asked for whose controller can't be used here. The message says why and
-    how to get one."""
-
-
-class CgroupBusyError(CgroupError):
-    """A cgroup still held processes when its removal's deadline passed."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,6 +530,111 @@ class WorkerCgroup:
         return list(dict.fromkeys(self.dirs.values()))
 
 
+class UsageMeter:
+    """Per-task readings of one worker's cgroup, cheap enough for every task: the files are
+    opened once and read with ``pread`` (a fraction of a microsecond each).
+
+    ``read()`` gives CPU user/system seconds, the memory high-water mark and the OOM kill
+    count so far (``memory_current`` is not read); ``reset_peak()`` starts a new high-water
+    mark where the kernel allows it (see :meth:`PoolCgroups.reset_peak`)."""
+
+    def __init__(self, w: WorkerCgroup, versions: dict[str, int]) -> None:
+        self._fds: list[int] = []
+        self._cpu_v2 = versions.get("cpuacct") == 2
+        self._mem_v2 = versions.get("memory") == 2
+        self._cpu: int | None = None  # v2 cpu.stat
+        self._user: int | None = None  # v1 cpuacct.usage_user (ns)
+        self._sys: int | None = None  # v1 cpuacct.usage_sys (ns)
+        self._peak: int | None = None
+        self._events: int | None = None  # v2 memory.events, v1 memory.oom_control
+        self._peak_writable = False
+        d = w.dirs.get("cpuacct")
+        if d is not None:
+            if self._cpu_v2:
+                self._cpu = self._open(d, "cpu.stat")
+            else:
+                self._user = self._open(d, "cpuacct.usage_user")
+                self._sys = self._open(d, "cpuacct.usage_sys")
+        d = w.dirs.get("memory")
+        if d is not None:
+            name = "memory.peak" if self._mem_v2 else "memory.max_usage_in_bytes"
+            self._peak = self._open(d, name, os.O_RDWR)
+            self._peak_writable = self._peak is not None
+            if self._peak is None:
+                self._peak = self._open(d, name)
+            self._events = self._open(d, "memory.events" if self._mem_v2 else "memory.oom_control")
+
+    def _open(self, d: str, name: str, mode: int = os.O_RDONLY) -> int | None:
+        try:
+            fd = os.open(os.path.join(d, name), mode | os.O_CLOEXEC)
+        except OSError:
+            return None
+        self._fds.append(fd)
+        return fd
+
+    def reset_peak(self) -> bool:
+        """Start a new memory high-water mark; True if the kernel took it."""
+        if not self._peak_writable or self._peak is None:
+            return False
+        try:
+            os.pwrite(self._peak, b"reset\n" if self._mem_v2 else b"0", 0)
+        except OSError:
+            self._peak_writable = False
+            return False
+        return True
+
+    def read(self) -> Usage:
+        user = system = total = None
+        if self._cpu is not None:
+            stat = _parse_keyed(_pread(self._cpu))
+            if "user_usec" in stat and "system_usec" in stat:
+                user, system = stat["user_usec"] / 1e6, stat["system_usec"] / 1e6
+            total = stat["usage_usec"] / 1e6 if "usage_usec" in stat else None
+        elif self._user is not None and self._sys is not None:
+            u, s = _pread_int(self._user), _pread_int(self._sys)
+            if u is not None and s is not None:
+                user, system = u / 1e9, s / 1e9
+        if total is None and user is not None and system is not None:
+            total = user + system
+        peak = None if self._peak is None else _pread_int(self._peak)
+        kills = None
+        if self._events is not None:
+            kills = _parse_keyed(_pread(self._events)).get("oom_kill")
+        return Usage(user, system, total, peak, None, kills)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        self._cpu = self._user = self._sys = self._peak = self._events = None
+
+
+def _pread(fd: int) -> str:
+    try:
+        return os.pread(fd, 4096, 0).decode("ascii", "replace")
+    except OSError:
+        return ""
+
+
+def _pread_int(fd: int) -> int | None:
+    try:
+        return int(_pread(fd).split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def _parse_keyed(text: str) -> dict[str, int]:
+    result = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                result[parts[0]] = int(parts[1])
+            except ValueError:
+                pass
+    return result
+
+
 class PoolCgroups:
     """A pool's cgroup subtree: ``nspool-<pid>-<hex>`` in every hierarchy it needs, and one
     cgroup per worker under it.
@@ -567,7 +662,7 @@ class PoolCgroups:
                 raise ValueError(f"unknown cgroup controller {c!r}; known: {CONTROLLERS}")
         self.layout = detect_layout() if layout is None else layout
         owner = os.getpid() if owner_pid is None else owner_pid
-        self.name = name if name is not None else f"{PREFIX}-{owner}-{secrets.token_hex(4)}"
+        self.name = name if name is not None else f"{PREFIX}-{owner}-{os.urandom(4).hex()}"
         if "/" in self.name or self.name in ("", ".", ".."):
             raise ValueError(f"bad cgroup name {self.name!r}")
         #: controller -> the pool node serving it
@@ -742,6 +837,10 @@ class PoolCgroups:
                 _write(os.path.join(d, "memory.max"), str(lim.memory))
                 if os.path.exists(os.path.join(d, "memory.swap.max")):
                     _write(os.path.join(d, "memory.swap.max"), "0")
+                # One OOM kill takes the whole worker (its init too, so its PID namespace):
+                # a task is never left running with a child silently killed under it.
+                if os.path.exists(os.path.join(d, "memory.oom.group")):
+                    _write(os.path.join(d, "memory.oom.group"), "1")
             else:
                 _write(os.path.join(d, "memory.limit_in_bytes"), str(lim.memory))
                 # memory+swap no higher than memory: swapping does not get around the limit.
@@ -875,6 +974,32 @@ class PoolCgroups:
         which counts hitting the limit, a near proxy). Read it before ``remove``."""
         return bool(self.oom_kills(w))
 
+    def watch_oom(self, w: WorkerCgroup) -> int | None:
+        """An eventfd that becomes readable when the worker's cgroup runs out of memory
+        (v1: ``cgroup.event_control`` on ``memory.oom_control``); None where there is no such
+        notification (v2 needs none: ``memory.oom.group`` kills the whole worker at once)
+        or no memory controller. The caller polls it and closes it."""
+        d = w.dirs.get("memory")
+        if d is None or self.version_of("memory") != 1:
+            return None
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            ofd = os.open(os.path.join(d, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _write(os.path.join(d, "cgroup.event_control"), f"{efd} {ofd}")
+            finally:
+                os.close(ofd)  # the kernel holds its own reference from here on
+        except OSError as e:
+            os.close(efd)
+            raise CgroupError(
+                e.errno or errno.EIO, f"watching worker {w.wid}'s cgroup for OOM failed: {e}"
+            ) from e
+        return efd
+
+    def meter(self, w: WorkerCgroup) -> UsageMeter:
+        """A :class:`UsageMeter` of the worker's cgroup (for the process that runs its tasks)."""
+        return UsageMeter(w, {c: v for c, v in self._versions.items() if c in w.dirs})
+
     # ---- removal
 
     def remove(self, w: WorkerCgroup, timeout: float = 5.0, *, kill: bool = False) -> None:
@@ -944,19 +1069,10 @@ def _int_file(path: str) -> int | None:
 
 def _keyed(path: str) -> dict[str, int]:
     """A flat keyed file (``key value`` per line) as a dict; {} when unreadable."""
-    result = {}
     try:
-        text = _read(path)
+        return _parse_keyed(_read(path))
     except OSError:
         return {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            try:
-                result[parts[0]] = int(parts[1])
-            except ValueError:
-                pass
-    return result
 
 
 def _v1_oom_kills(d: str) -> int | None:
@@ -1062,6 +1178,37 @@ def remove_stale(layout: Layout | None = None, *, alive: int | None = None) -> l
                     removed.append(sub)
             except OSError:
                 continue
+    return removed
+
+
+def remove_pool(name: str, layout: Layout | None = None, timeout: float = 5.0) -> list[str]:
+    """Remove pool subtree ``name`` from every hierarchy (its owner is gone): SIGKILL what is
+    still in it, wait until it is empty, rmdir leaves then the node. Returns the directories
+    removed; raises CgroupBusyError naming what could not be removed by ``timeout``."""
+    if _POOL_NAME.match(name) is None:
+        raise ValueError(f"not an nspool pool cgroup name: {name!r}")
+    layout = detect_layout() if layout is None else layout
+    deadline = time.monotonic() + timeout
+    places: set[str] = set()
+    for h in layout.hierarchies.values():
+        places.add(h.own_dir)
+        places.add(os.path.dirname(os.path.normpath(h.own_dir)))
+    removed, errors = [], []
+    for place in sorted(places):
+        node = os.path.join(place, name)
+        if not os.path.isdir(node):
+            continue
+        try:
+            for leaf in _subdirs(node):
+                _kill_all(leaf)
+                _remove_dir(leaf, deadline)
+            _kill_all(node)
+            _remove_dir(node, deadline)
+            removed.append(node)
+        except OSError as e:
+            errors.append(str(e))
+    if errors:
+        raise CgroupBusyError(errno.EBUSY, "; ".join(errors))
     return removed
 
 

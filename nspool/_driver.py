@@ -18,6 +18,7 @@ from typing import Any
 from ._launch import Launcher
 from ._pool import Actions, Fate, PoolCore, StopAction, Task, WorkerEnd, WorkerSlot
 from ._protocol import (
+    EXIT_MEMORY_LIMIT,
     Ctl,
     Frame,
     FrameDecoder,
@@ -26,13 +27,16 @@ from ._protocol import (
     Op,
     StateBlock,
     StopReason,
+    decode_usage,
     encode_frame,
     encode_init_msg,
     encode_task_head,
 )
+from ._usage import TaskUsage
 from .errors import (
     BrokenProcessPool,
     LauncherDiedError,
+    MemoryLimitError,
     PoolInitializerError,
     TaskTimeoutError,
     WorkerDiedError,
@@ -66,6 +70,7 @@ class Conn:
         "out",
         "writing",
         "close_after",
+        "usage",
     )
 
     def __init__(
@@ -80,6 +85,7 @@ class Conn:
         self.out: deque[memoryview] = deque()
         self.writing = False  # the front waits for room in the task pipe
         self.close_after = False  # close task_fd once ``out`` is written
+        self.usage: tuple[int, TaskUsage] | None = None  # (seq, usage) of the next result
 
 
 class PoolDriver:
@@ -254,7 +260,12 @@ class PoolDriver:
         if kind is Kind.OK or kind is Kind.ERR:
             # A result settles its task even if a stop was asked: the stop came too late.
             task = self.core.on_result(conn.slot.wid, frame.ident, now)
+            if conn.usage is not None and conn.usage[0] == frame.ident:
+                task.handle.usage = conn.usage[1]  # before it settles: seen with the result
+                conn.usage = None
             done.append((task.handle, kind, frame.payload))
+        elif kind is Kind.USAGE:
+            conn.usage = (frame.ident, TaskUsage(*decode_usage(frame.payload)))
         elif kind is Kind.SKIPPED:
             task = self.core.on_skipped(conn.slot.wid, frame.ident, now)
             done.append((task.handle, None, task.stop_error))
@@ -275,7 +286,8 @@ class PoolDriver:
         msgs, eof = self.launcher.receive()
         for msg in msgs:
             if msg.kind is Ctl.EXITED:
-                self._on_exit(msg.wid, msg.value, done)
+                oom = bool(msg.value & EXIT_MEMORY_LIMIT)
+                self._on_exit(msg.wid, msg.value & 0xFFFFFFFF, done, memory_limit=oom)
             elif msg.kind is Ctl.SPAWN_FAILED:
                 self._on_exit(msg.wid, None, done, msg.text)
         if eof and self.broken is None:
@@ -289,7 +301,13 @@ class PoolDriver:
             )
 
     def _on_exit(
-        self, wid: int, status: int | None, done: list[Completion], text: str = ""
+        self,
+        wid: int,
+        status: int | None,
+        done: list[Completion],
+        text: str = "",
+        *,
+        memory_limit: bool = False,
     ) -> None:
         conn = self.conns.pop(wid, None)
         if conn is None:
@@ -320,7 +338,17 @@ class PoolDriver:
             how += f" (stopped by {conn.slot.forced})"
         for task, fate in outcome.ended:
             exc: BaseException | None
-            if fate is Fate.DIED:
+            if fate is Fate.DIED and memory_limit:
+                exc = MemoryLimitError(
+                    f"the task's processes used more memory than the pool's memory_limit "
+                    f"({_size(self.launcher.memory_limit)}): the kernel's OOM killer acted in "
+                    f"its worker (pid {conn.slot.pid or '?'}), which was killed with every "
+                    "process it held; the pool replaced it",
+                    limit=self.launcher.memory_limit,  # type: ignore[arg-type]
+                    exitcode=code,
+                    signal=sig,
+                )
+            elif fate is Fate.DIED:
                 exc = WorkerDiedError(
                     f"the worker (pid {conn.slot.pid or '?'}) running this task {how}; the "
                     "pool replaced it",
@@ -395,3 +423,13 @@ class PoolDriver:
         """``launcher.outbox`` is not empty: wait for the control socket to be writable and
         call ``launcher.flush()`` until it returns True."""
         raise NotImplementedError
+
+
+def _size(n: object) -> str:
+    """``n`` bytes for people: ``64 MiB (67108864 bytes)``."""
+    if not isinstance(n, int):
+        return "unknown"
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.4g} {unit} ({n} bytes)"
+    return f"{n} bytes"

@@ -30,7 +30,12 @@ from ._protocol import (
     decode_control,
     encode_control,
 )
-from .errors import LauncherDiedError, NamespaceError, describe_wait_status
+from .errors import (
+    CgroupUnavailableError,
+    LauncherDiedError,
+    NamespaceError,
+    describe_wait_status,
+)
 
 _F_SETPIPE_SZ = 1031
 #: pipe size asked for (the unprivileged maximum by default): fewer wake-ups for big payloads
@@ -66,6 +71,29 @@ class LaunchConfig:
     kill_leftovers: bool = True
     private_proc: bool = False
     sys_path: list[str] = field(default_factory=lambda: list(sys.path))
+    #: per-worker cgroup: {"memory": bytes, "pids": count, "cpu": fraction, "usage": bool}
+    #: (limits validated, None where unset); None: no cgroups at all
+    cgroups: dict[str, int | float | bool | None] | None = None
+
+
+def cgroups_config(
+    memory_limit: int | str | None,
+    pids_limit: int | None,
+    cpu_limit: float | None,
+    track_usage: bool,
+) -> dict[str, int | float | bool | None] | None:
+    """The ``LaunchConfig.cgroups`` for a pool's options; ValueError for a bad limit."""
+    if memory_limit is None and pids_limit is None and cpu_limit is None and not track_usage:
+        return None
+    from ._cgroups import Limits  # only pools with limits pay for importing the layer
+
+    limits = Limits.parse(memory_limit, pids_limit, cpu_limit)
+    return {
+        "memory": limits.memory,
+        "pids": limits.pids,
+        "cpu": limits.cpu,
+        "usage": bool(track_usage),
+    }
 
 
 def _pipe() -> tuple[int, int]:
@@ -129,7 +157,12 @@ class Launcher:
             # that Manager proxies and Connection objects passed to a task authenticate.
             # (Over this pipe, never the command line or the environment.)
             "authkey": bytes(multiprocessing.process.current_process().authkey).hex(),
+            "cgroups": config.cgroups,
         }
+        #: the pool's memory limit in bytes (None: none), for the errors it explains
+        self.memory_limit = (config.cgroups or {}).get("memory")
+        #: whether workers report each task's usage
+        self.measures_usage = config.cgroups is not None
         try:
             self.proc.stdin.write(json.dumps(payload).encode())
             self.proc.stdin.close()
@@ -167,6 +200,9 @@ class Launcher:
             msg = decode_control(data)
             if msg.kind is Ctl.HELLO:
                 return msg
+            if msg.kind is Ctl.LIMITS_ERROR:
+                self.proc.wait()
+                raise CgroupUnavailableError(msg.value or errno.EPERM, msg.text)
             if msg.kind is Ctl.ERROR:
                 self.proc.wait()
                 if msg.value:

@@ -44,6 +44,9 @@ class Kind(enum.IntEnum):
     INIT_FAILED = 6  #: worker -> program: payload = UTF-8 traceback of the initializer
     SKIPPED = 7  #: worker -> program: ident = seq of a task stopped before it started
     TIMED_TASK = 8  #: as TASK, the payload prefixed by the deadline in seconds (little-endian f64)
+    #: worker -> program, right before a task's OK/ERR when the pool measures usage:
+    #: ident = seq, payload = ``encode_usage(...)``
+    USAGE = 9
 
 
 #: A task's ``ident`` is its *seq*: 1, 2, 3... in the order the program wrote tasks to that
@@ -84,6 +87,36 @@ def split_task(frame: Frame) -> tuple[float | None, memoryview]:
             raise ProtocolError("TIMED_TASK frame too short for its deadline")
         return TIMEOUT_PREFIX.unpack_from(view)[0], view[TIMEOUT_PREFIX.size :]
     return None, view
+
+
+#: wall, CPU user, CPU system (seconds, f64; NaN: unknown), memory peak (bytes, i64; -1: unknown)
+USAGE = struct.Struct("<dddq")
+
+
+def encode_usage(
+    wall: float, cpu_user: float | None, cpu_system: float | None, memory_peak: int | None
+) -> bytes:
+    """A USAGE frame's payload."""
+    nan = float("nan")
+    return USAGE.pack(
+        wall,
+        nan if cpu_user is None else cpu_user,
+        nan if cpu_system is None else cpu_system,
+        -1 if memory_peak is None else memory_peak,
+    )
+
+
+def decode_usage(payload: Payload) -> tuple[float, float | None, float | None, int | None]:
+    """(wall, CPU user, CPU system, memory peak) from a USAGE payload; None where unknown."""
+    if memoryview(payload).nbytes != USAGE.size:
+        raise ProtocolError(f"USAGE payload of {memoryview(payload).nbytes} bytes")
+    wall, user, system, peak = USAGE.unpack(payload)
+    return (
+        wall,
+        None if user != user else user,  # NaN
+        None if system != system else system,
+        None if peak < 0 else peak,
+    )
 
 
 def encode_frame(kind: Kind, ident: int, payload: Payload = b"") -> bytes:
@@ -220,7 +253,15 @@ class Ctl(enum.IntEnum):
     SPAWN = 3
     SPAWN_FAILED = 4  #: launcher -> program: value = errno, text = reason
     KILL = 5  #: program -> launcher: send signal `value` to worker `wid`
-    EXITED = 6  #: launcher -> program: worker `wid` is gone with wait status `value`
+    EXITED = 6  #: launcher -> program: worker `wid` is gone; value = wait status | EXIT_* flags
+    #: launcher -> program, instead of HELLO: the resource limits asked for can't be enforced
+    #: here; value = errno, text = why and how to get them
+    LIMITS_ERROR = 7
+
+
+#: EXITED flag: the worker's cgroup ran out of memory (the OOM killer acted, or the pool
+#: killed the worker for it); the low 32 bits are the wait status
+EXIT_MEMORY_LIMIT = 1 << 32
 
 
 class Control(NamedTuple):

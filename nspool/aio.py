@@ -19,9 +19,10 @@ import sniffio
 
 from . import _serialize
 from ._driver import Completion, Conn, PoolDriver
-from ._launch import LaunchConfig, Launcher
+from ._launch import LaunchConfig, Launcher, cgroups_config
 from ._pool import PoolCore, StopAction, Task, default_max_workers
 from ._protocol import Kind
+from ._usage import TaskUsage
 from .errors import BrokenProcessPool
 
 __all__ = ["AsyncPool", "current_default_pool_limiter", "open_pool", "run_sync"]
@@ -37,12 +38,13 @@ STOP_GUARD = 60.0
 class _Waiter:
     """One call's rendezvous: set by the fd readers, read by the awaiting caller."""
 
-    __slots__ = ("event", "kind", "value")
+    __slots__ = ("event", "kind", "usage", "value")
 
     def __init__(self) -> None:
         self.event = anyio.Event()
         self.kind: Kind | None = None
         self.value: Any = None
+        self.usage: TaskUsage | None = None
 
     def outcome(self) -> Any:
         if self.kind is Kind.OK:
@@ -211,6 +213,21 @@ class AsyncPool:
         With ``cancellable=False`` the call is shielded: it runs to completion, returns its
         result, and the cancellation takes effect at the caller's next checkpoint.
         """
+        waiter = await self._call(fn, args, cancellable)
+        return waiter.outcome()  # type: ignore[no-any-return]
+
+    async def run_with_usage(
+        self, fn: Callable[..., T], *args: Any, cancellable: bool = True
+    ) -> tuple[T, TaskUsage | None]:
+        """As :meth:`run`, and what the call's process tree used (see ``NSFuture.usage``):
+        ``(result, usage)``, usage None unless the pool has limits or ``track_usage``. A
+        call that raises raises as with :meth:`run`."""
+        waiter = await self._call(fn, args, cancellable)
+        return waiter.outcome(), waiter.usage
+
+    async def _call(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], cancellable: bool
+    ) -> _Waiter:
         engine = self._engine
         engine.check_open()
         payload = _serialize.dump_task(fn, args, {})
@@ -235,7 +252,7 @@ class AsyncPool:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_GUARD):
                         await waiter.event.wait()
             raise
-        return waiter.outcome()  # type: ignore[no-any-return]
+        return waiter
 
     async def aclose(self) -> None:
         """Close the pool now: pending calls fail, every process is gone on return."""
@@ -256,6 +273,10 @@ async def open_pool(
     idle_timeout: float | None = None,
     max_batch: int = 64,
     start_timeout: float = 60.0,
+    memory_limit: int | str | None = None,
+    pids_limit: int | None = None,
+    cpu_limit: float | None = None,
+    track_usage: bool = False,
 ) -> AsyncIterator[AsyncPool]:
     """Open a pool for async code (asyncio or trio, through anyio).
 
@@ -266,7 +287,10 @@ async def open_pool(
     init_payload = _serialize.dump_initializer(initializer, initargs)
     core = PoolCore(max_workers, max_tasks_per_child=max_tasks_per_child, max_batch=max_batch)
     config = LaunchConfig(
-        preload=tuple(preload), kill_leftovers=kill_leftovers, private_proc=private_proc
+        preload=tuple(preload),
+        kill_leftovers=kill_leftovers,
+        private_proc=private_proc,
+        cgroups=cgroups_config(memory_limit, pids_limit, cpu_limit, track_usage),
     )
     # The launcher handshake blocks for a few tens of ms: do it off the event loop.
     launcher = await anyio.to_thread.run_sync(Launcher, config, start_timeout)

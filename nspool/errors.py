@@ -10,9 +10,13 @@ import sys
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, ClassVar
 
+from ._cgroup_errors import CgroupUnavailableError
+
 __all__ = [
     "BrokenProcessPool",
+    "CgroupUnavailableError",
     "LauncherDiedError",
+    "MemoryLimitError",
     "NamespaceError",
     "PoolInitializerError",
     "RemoteTraceback",
@@ -119,6 +123,19 @@ class WorkerDiedError(BrokenProcessPool):
         self.exitcode = exitcode
         #: the number of the signal that killed it, if one did
         self.signal = signal
+
+
+class MemoryLimitError(WorkerDiedError):
+    """The task's process tree used more memory than the pool's ``memory_limit``: the kernel's
+    OOM killer acted in its worker's cgroup, and the worker was killed with every process in
+    it. Only that task fails; the pool replaces the worker."""
+
+    def __init__(
+        self, message: str, *, limit: int | None, exitcode: int | None, signal: int | None
+    ) -> None:
+        super().__init__(message, exitcode=exitcode, signal=signal)
+        #: the pool's ``memory_limit`` in bytes
+        self.limit = limit
 
 
 class LauncherDiedError(BrokenProcessPool):

@@ -26,9 +26,10 @@ from typing import Any, TypeVar
 from . import _serialize
 from ._chunks import process_chunk
 from ._driver import Completion, Conn, PoolDriver
-from ._launch import LaunchConfig, Launcher
+from ._launch import LaunchConfig, Launcher, cgroups_config
 from ._pool import PoolCore, StopAction, Task
 from ._protocol import Kind
+from ._usage import TaskUsage
 from .errors import BrokenProcessPool, TaskPicklingError, TaskUnpicklingError
 
 __all__ = ["NSPoolExecutor"]
@@ -281,6 +282,10 @@ class NSFuture(Future[T]):
     # A weak reference: the task refers to this future, and a strong one back would make a
     # cycle that keeps every call's payload alive until the garbage collector runs.
     _nspool: tuple[_Engine, weakref.ref[Task]] | None = None
+    #: what the task's process tree used (wall and CPU time, peak memory), once the future
+    #: is done, on pools with resource limits or ``track_usage=True``; else None. Tasks
+    #: that were killed (``kill()``, a deadline, a limit) have none.
+    usage: TaskUsage | None = None
 
     def kill(self, timeout: float | None = 10.0) -> bool:
         """Hard-cancel: stop this task even if it is running, and wait for the outcome.
@@ -341,6 +346,21 @@ class NSPoolExecutor(Executor):
             several to a write); 1 turns batching off, for workloads where fast and slow tasks
             mix and no task should wait behind another in a busy worker.
         start_timeout: seconds to wait for the launcher to come up.
+        memory_limit: most memory (bytes, or a string like ``"512M"``) that one worker's
+            whole process tree may use, the task and everything it starts, enforced by the
+            kernel (cgroups). A task past it is killed with its tree and its future fails with
+            ``MemoryLimitError``; the pool replaces the worker.
+        pids_limit: most processes (threads count too, as the kernel counts them) a task's
+            tree may hold at once, its own process included; past it ``fork`` fails in the
+            task with ``EAGAIN`` (``BlockingIOError``).
+        cpu_limit: CPU time a worker's tree may use, as a fraction of one CPU (``0.5``: half
+            a CPU, ``2``: two CPUs); past it, the kernel throttles it.
+        track_usage: measure each task's usage (``NSFuture.usage``) even without limits.
+            Any limit turns it on too.
+
+    Limits and usage need cgroups: root, or a delegated cgroup v2 subtree when unprivileged.
+    Where they can't be had, the constructor raises ``CgroupUnavailableError`` saying why and
+    how to get them; a pool never runs without a limit it was asked for.
     """
 
     def __init__(
@@ -357,13 +377,20 @@ class NSPoolExecutor(Executor):
         task_timeout: float | None = None,
         max_batch: int = 64,
         start_timeout: float = 60.0,
+        memory_limit: int | str | None = None,
+        pids_limit: int | None = None,
+        cpu_limit: float | None = None,
+        track_usage: bool = False,
     ) -> None:
         init_payload = _serialize.dump_initializer(initializer, initargs)
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be None or > 0")
         self._task_timeout = task_timeout
         config = LaunchConfig(
-            preload=tuple(preload), kill_leftovers=kill_leftovers, private_proc=private_proc
+            preload=tuple(preload),
+            kill_leftovers=kill_leftovers,
+            private_proc=private_proc,
+            cgroups=cgroups_config(memory_limit, pids_limit, cpu_limit, track_usage),
         )
         self._engine = _Engine(
             max_workers, max_tasks_per_child, init_payload, config, start_timeout, max_batch

@@ -12,11 +12,14 @@ import os
 import signal
 import socket
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from .._protocol import Control, Ctl, encode_control
 from . import _syscalls
 from ._explain import explain_unshare_error
+
+if TYPE_CHECKING:
+    from .._cgroups import PoolCgroups
 
 
 def main() -> NoReturn:
@@ -32,6 +35,14 @@ def main() -> NoReturn:
         if path not in sys.path:
             sys.path.insert(0, path)
 
+    # The pool's cgroups, made here with the program's own credentials and in the host's PID
+    # namespace (so that stale subtrees can be told by their owner's PID), before the user
+    # namespace. The fork server inherits the object; this process removes the subtree once
+    # the fork server is gone, however the program ended.
+    cgroups = None
+    if config.get("cgroups") is not None:
+        cgroups = _make_cgroups(config["cgroups"], ctrl)
+
     uid, gid = os.geteuid(), os.getegid()  # before the unshare (see write_id_maps)
     user_ns = uid != 0
     flags = _syscalls.CLONE_NEWPID | (_syscalls.CLONE_NEWUSER if user_ns else 0)
@@ -42,6 +53,7 @@ def main() -> NoReturn:
     except OSError as exc:
         text = explain_unshare_error(exc, user_ns)
         ctrl.send(encode_control(Control(Ctl.ERROR, 0, exc.errno or 0, text)))
+        _remove_cgroups(cgroups)
         os._exit(1)
 
     lifeline_r, lifeline_w = os.pipe()
@@ -50,17 +62,59 @@ def main() -> NoReturn:
         os.close(lifeline_w)
         from . import _forkserver
 
-        _forkserver.run(ctrl, lifeline_r, config)
+        _forkserver.run(ctrl, lifeline_r, config, cgroups)
     os.close(lifeline_r)
     ctrl.close()
     _syscalls.set_process_name("nspool-launcher")
+    if cgroups is not None:
+        # A signal ends the pool as usual but lets this process remove the cgroups after it.
+        def stop(signum: int, frame: object) -> None:
+            os.kill(pid, signal.SIGKILL)
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, stop)
     while True:
         try:
             _, status = os.waitpid(pid, 0)
             break
         except InterruptedError:
             continue
+    # The fork server was PID 1 of the pool's namespace: every worker is gone or going.
+    _remove_cgroups(cgroups)
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def _make_cgroups(spec: dict[str, object], ctrl: socket.socket) -> PoolCgroups:
+    from .. import _cgroups
+
+    try:
+        pids = spec.get("pids")
+        limits = _cgroups.Limits(
+            memory=spec.get("memory"),  # type: ignore[arg-type]
+            # +1: the worker's init counts too; the user's figure is the task's tree
+            pids=None if pids is None else int(pids) + 1,  # type: ignore[call-overload]
+            cpu=spec.get("cpu"),  # type: ignore[arg-type]
+        )
+        required = set(limits.controllers())
+        if spec.get("usage"):
+            required.add("cpuacct")
+        layout = _cgroups.detect_layout()
+        _cgroups.remove_stale(layout)  # left by launchers that were killed with SIGKILL
+        return _cgroups.PoolCgroups(required, ("memory", "cpuacct"), limits=limits, layout=layout)
+    except OSError as exc:
+        ctrl.send(encode_control(Control(Ctl.LIMITS_ERROR, 0, exc.errno or 0, str(exc))))
+        os._exit(1)
+
+
+def _remove_cgroups(cgroups: PoolCgroups | None) -> None:
+    if cgroups is None:
+        return
+    from .. import _cgroups
+
+    try:
+        _cgroups.remove_pool(cgroups.name, cgroups.layout)
+    except OSError as exc:
+        print(f"nspool: the pool's cgroups could not be removed: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

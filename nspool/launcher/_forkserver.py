@@ -16,21 +16,47 @@ import signal
 import socket
 import sys
 import traceback
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from .._protocol import Control, Ctl, ProtocolError, decode_control, encode_control
+from .._protocol import (
+    EXIT_MEMORY_LIMIT,
+    Control,
+    Ctl,
+    ProtocolError,
+    decode_control,
+    encode_control,
+)
 from . import _syscalls
 from ._explain import explain_private_proc
 from ._taskloop import WorkerOptions, mount_private_proc
 
+if TYPE_CHECKING:
+    from .._cgroups import PoolCgroups, WorkerCgroup
+
+#: how often the fork server retries removing a dead worker's cgroup the kernel still holds
+_REMOVE_RETRY_MS = 20
+
 
 class ForkServer:
-    def __init__(self, ctrl: socket.socket, lifeline: int, options: WorkerOptions) -> None:
+    def __init__(
+        self,
+        ctrl: socket.socket,
+        lifeline: int,
+        options: WorkerOptions,
+        cgroups: PoolCgroups | None = None,
+    ) -> None:
         self.ctrl = ctrl
         self.lifeline = lifeline
         self.options = options
         self.pids: dict[int, int] = {}  # pid (in the pool namespace) -> worker id
         self.wids: dict[int, int] = {}  # worker id -> pid
+        self.poller = select.poll()
+        #: the pool's cgroups (resource limits, usage); each live worker's, its OOM eventfd
+        self.cgroups = cgroups
+        self.worker_cgroups: dict[int, WorkerCgroup] = {}
+        self.oom_fds: dict[int, int] = {}  # eventfd -> worker id
+        self.out_of_memory: set[int] = set()  # worker ids killed for running out of memory
+        self.unremoved: list[WorkerCgroup] = []  # dead workers' cgroups still busy
         # Our own PID namespace, to return to after each unshare (see DESIGN.md section 2).
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.wake_r, self.wake_w = os.pipe()
@@ -46,19 +72,23 @@ class ForkServer:
 
     # -- the loop -----------------------------------------------------------------------------
     def serve(self) -> NoReturn:
-        poller = select.poll()
+        poller = self.poller
         poller.register(self.ctrl.fileno(), select.POLLIN)
         poller.register(self.lifeline, select.POLLIN)
         poller.register(self.wake_r, select.POLLIN)
         while True:
-            for fd, _ in poller.poll():
+            for fd, _ in poller.poll(_REMOVE_RETRY_MS if self.unremoved else None):
                 if fd == self.wake_r:
                     os.read(self.wake_r, 4096)
                     self.reap()
                 elif fd == self.lifeline:
                     os._exit(0)  # the outer launcher died
+                elif fd in self.oom_fds:
+                    self.on_out_of_memory(fd)
                 else:
                     self.on_control()
+            if self.unremoved:
+                self.remove_cgroups()
 
     def on_control(self) -> None:
         try:
@@ -115,36 +145,83 @@ class ForkServer:
                 os.close(fd)
             self.send(Control(Ctl.SPAWN_FAILED, wid, 0, f"SPAWN carried {len(fds)} fds, not 4"))
             return
+        cgroup = oom_fd = None
         try:
+            if self.cgroups is not None:
+                cgroup = self.cgroups.create_worker(wid)
+                oom_fd = self.cgroups.watch_oom(cgroup)
             pid = self.fork_pid1()
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
+            if oom_fd is not None:
+                os.close(oom_fd)
+            if cgroup is not None:
+                self.unremoved.append(cgroup)
             self.send(Control(Ctl.SPAWN_FAILED, wid, exc.errno or 0, str(exc)))
             return
         if pid == 0:
-            self._become_init(fds)
+            self._become_init(fds, cgroup)
         for fd in fds:
             os.close(fd)
         self.pids[pid] = wid
         self.wids[wid] = pid
+        if cgroup is not None:
+            self.worker_cgroups[wid] = cgroup
+        if oom_fd is not None:
+            self.oom_fds[oom_fd] = wid
+            self.poller.register(oom_fd, select.POLLIN)
 
-    def _become_init(self, fds: list[int]) -> NoReturn:
+    def _become_init(self, fds: list[int], cgroup: WorkerCgroup | None) -> NoReturn:
         try:
+            if cgroup is not None:
+                assert self.cgroups is not None
+                # First, before this process forks anything: its tree is the cgroup's.
+                self.cgroups.attach(cgroup)
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
                 signal.signal(sig, signal.SIG_DFL)
             self.ctrl.close()
-            for fd in (self.lifeline, self.wake_r, self.wake_w, self.own_pidns):
+            for fd in (self.lifeline, self.wake_r, self.wake_w, self.own_pidns, *self.oom_fds):
                 os.close(fd)
             for fd in fds:
                 os.set_inheritable(fd, False)
             from . import _init
 
             task_fd, result_fd, stop_fd, state_fd = fds
-            _init.run(task_fd, result_fd, stop_fd, state_fd, self.options)
+            meter = None if cgroup is None or self.cgroups is None else (self.cgroups, cgroup)
+            _init.run(task_fd, result_fd, stop_fd, state_fd, self.options, meter)
+        except BaseException:  # noqa: BLE001 - say why; the program sees the worker die
+            traceback.print_exc()
         finally:
             os._exit(70)
+
+    def on_out_of_memory(self, fd: int) -> None:
+        """A worker's cgroup ran out of memory (v1): kill the whole worker now, so that no
+        task goes on with a process killed under it; its exit reports why."""
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        wid = self.oom_fds[fd]
+        self.out_of_memory.add(wid)
+        pid = self.wids.get(wid)
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)  # its init: the kernel takes the namespace down
+            except ProcessLookupError:
+                pass
+
+    def remove_cgroups(self) -> None:
+        """Remove dead workers' cgroups; those the kernel still holds are retried later."""
+        assert self.cgroups is not None
+        busy = []
+        for cgroup in self.unremoved:
+            try:
+                self.cgroups.remove(cgroup, timeout=0)
+            except OSError:
+                busy.append(cgroup)
+        self.unremoved = busy
 
     def reap(self) -> None:
         while True:
@@ -157,14 +234,37 @@ class ForkServer:
             wid = self.pids.pop(pid, None)
             if wid is not None:
                 del self.wids[wid]
-                self.send(Control(Ctl.EXITED, wid, status))
+                self.send(Control(Ctl.EXITED, wid, status | self.worker_gone(wid)))
+        if self.unremoved:
+            self.remove_cgroups()
+
+    def worker_gone(self, wid: int) -> int:
+        """Release a dead worker's cgroup (removed after its EXITED is sent); the EXIT_*
+        flags of its end."""
+        cgroup = self.worker_cgroups.pop(wid, None)
+        if cgroup is None or self.cgroups is None:
+            return 0
+        for fd, owner in list(self.oom_fds.items()):
+            if owner == wid:
+                self.poller.unregister(fd)
+                os.close(fd)
+                del self.oom_fds[fd]
+        oom = wid in self.out_of_memory or self.cgroups.oom_killed(cgroup)
+        self.out_of_memory.discard(wid)
+        self.unremoved.append(cgroup)
+        return EXIT_MEMORY_LIMIT if oom else 0
 
 
 def _die(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
-def run(ctrl: socket.socket, lifeline: int, config: dict[str, object]) -> NoReturn:
+def run(
+    ctrl: socket.socket,
+    lifeline: int,
+    config: dict[str, object],
+    cgroups: PoolCgroups | None = None,
+) -> NoReturn:
     """Body of the fork server process (already PID 1 of the pool namespace)."""
     try:
         _syscalls.set_pdeathsig(signal.SIGKILL)
@@ -208,7 +308,7 @@ def run(ctrl: socket.socket, lifeline: int, config: dict[str, object]) -> NoRetu
             kill_leftovers=bool(config.get("kill_leftovers", True)),
             private_proc=bool(config.get("private_proc", False)),
         )
-        server = ForkServer(ctrl, lifeline, options)
+        server = ForkServer(ctrl, lifeline, options, cgroups)
         if options.private_proc:
             err = server.probe_private_proc()
             if err is not None:

@@ -35,6 +35,7 @@ from .._protocol import (
 from . import _syscalls
 
 if TYPE_CHECKING:
+    from .._cgroups import PoolCgroups, WorkerCgroup
     from ._taskloop import WorkerOptions
 
 #: signals passed on to the task loop, as tini does (from outside the namespace they would
@@ -181,7 +182,12 @@ class Init:
 
 
 def run(
-    task_fd: int, result_fd: int, stop_fd: int, state_fd: int, options: WorkerOptions
+    task_fd: int,
+    result_fd: int,
+    stop_fd: int,
+    state_fd: int,
+    options: WorkerOptions,
+    cgroup: tuple[PoolCgroups, WorkerCgroup] | None = None,
 ) -> NoReturn:
     """Body of a new worker namespace's PID 1 (just forked by the fork server)."""
     try:
@@ -204,7 +210,7 @@ def run(
                 os.close(fd)
             from . import _taskloop
 
-            _taskloop.main(task_fd, result_fd, notify_w, state, options)
+            _taskloop.main(task_fd, result_fd, notify_w, state, options, cgroup)
         for fd in (task_fd, result_fd, notify_w):
             os.close(fd)
         _syscalls.set_process_name("nspool-init")

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 import traceback
-from typing import Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from .. import _serialize, _task_errors
 from .._protocol import (
@@ -30,9 +30,13 @@ from .._protocol import (
     StateBlock,
     encode_header,
     encode_init_msg,
+    encode_usage,
     split_task,
 )
 from . import _syscalls
+
+if TYPE_CHECKING:
+    from .._cgroups import PoolCgroups, UsageMeter, WorkerCgroup
 
 
 class WorkerOptions(NamedTuple):
@@ -150,8 +154,11 @@ class TaskLoop:
         state: StateBlock,
         opts: WorkerOptions,
         host_pid: int,
+        meter: UsageMeter | None = None,
     ) -> None:
         self.host_pid = host_pid
+        #: reads this worker's cgroup around each task (pools with limits or usage)
+        self.meter = meter
         self.task_fd = task_fd
         self.result_fd = result_fd
         self.notify_fd = notify_fd
@@ -196,6 +203,41 @@ class TaskLoop:
         except BaseException as exc:  # noqa: BLE001 - SystemExit...: the task's outcome, as the
             return Kind.ERR, _serialize.dump_error(exc)  # stdlib pool reports it
 
+    def run_metered(self, seq: int, timeout: float | None, data: Any) -> None:
+        """Run a task as ``serve`` does, measuring what its tree used in the worker's cgroup;
+        the USAGE frame goes right before the result, in the same write."""
+        meter = self.meter
+        assert meter is not None
+        meter.reset_peak()
+        before = meter.read()
+        start = time.monotonic()
+        kind, payload = self.run_task(seq, timeout, data)
+        self.state.set_started(seq, False)
+        wall = time.monotonic() - start
+        _flush_stdio()
+        _wipe_leftovers(self.kill_leftovers)
+        after = meter.read()
+        if (after.oom_kills or 0) > (before.oom_kills or 0):
+            # A process of the task's tree was killed for memory, and the task came back
+            # before the pool killed the worker for it: the task failed all the same. Dying
+            # here (the init records it) lets the program report MemoryLimitError.
+            os.kill(os.getpid(), signal.SIGKILL)
+        user = system = None
+        if after.cpu_user is not None and before.cpu_user is not None:
+            user = max(0.0, after.cpu_user - before.cpu_user)
+        if after.cpu_system is not None and before.cpu_system is not None:
+            system = max(0.0, after.cpu_system - before.cpu_system)
+        usage = encode_usage(wall, user, system, after.memory_peak)
+        _write_all(
+            self.result_fd,
+            [
+                encode_header(Kind.USAGE, seq, len(usage)),
+                usage,
+                encode_header(kind, seq, len(payload)),
+                payload,
+            ],
+        )
+
     def serve(self) -> int:
         decoder = _FrameDecoder()
         state = self.state
@@ -219,6 +261,10 @@ class TaskLoop:
                     self.send(Kind.SKIPPED, seq)
                     continue
                 timeout, data = split_task(frame)
+                if self.meter is not None:
+                    self.run_metered(seq, timeout, data)
+                    del frame, data
+                    continue
                 kind, payload = self.run_task(seq, timeout, data)
                 state.set_started(seq, False)
                 del frame, data
@@ -246,7 +292,12 @@ class TaskLoop:
 
 
 def main(
-    task_fd: int, result_fd: int, notify_fd: int, state: StateBlock, options: WorkerOptions
+    task_fd: int,
+    result_fd: int,
+    notify_fd: int,
+    state: StateBlock,
+    options: WorkerOptions,
+    cgroup: tuple[PoolCgroups, WorkerCgroup] | None = None,
 ) -> NoReturn:
     """Run the task loop, then exit without running the launcher's atexit handlers."""
     code = 70
@@ -265,7 +316,8 @@ def main(
                 msg = f"cannot mount a private /proc in the worker: {exc}".encode()
                 _write_all(result_fd, [encode_header(Kind.INIT_FAILED, 0, len(msg)), msg])
                 os._exit(1)
-        code = TaskLoop(task_fd, result_fd, notify_fd, state, options, host_pid).serve()
+        meter = None if cgroup is None else cgroup[0].meter(cgroup[1])
+        code = TaskLoop(task_fd, result_fd, notify_fd, state, options, host_pid, meter).serve()
     except BrokenPipeError:
         pass  # the pool closed its end (shut down while we started): nobody to tell
     except BaseException:  # noqa: BLE001
