@@ -92,6 +92,24 @@ def wait_for(predicate, timeout: float, interval: float = 0.01) -> bool:  # type
         time.sleep(interval)
 
 
+def pool_cgroups() -> set[str]:
+    """Every nspool pool cgroup (``nspool-<pid>-<hex>``) where pools make them: under each
+    hierarchy's own cgroup of this process and its parent, and each hierarchy's root."""
+    import glob
+
+    from nspool._cgroups import detect_layout
+
+    try:
+        layout = detect_layout()
+    except OSError:
+        return set()
+    found: set[str] = set(glob.glob("/sys/fs/cgroup/*/nspool-*"))
+    for h in layout.hierarchies.values():
+        for place in (h.own_dir, os.path.dirname(os.path.normpath(h.own_dir))):
+            found.update(glob.glob(os.path.join(glob.escape(place), "nspool-*")))
+    return found
+
+
 def open_fds() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
 

@@ -11,7 +11,13 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _procs import descendants, nspool_processes, open_fds, wait_for  # noqa: E402
+from _procs import (  # noqa: E402
+    descendants,
+    nspool_processes,
+    open_fds,
+    pool_cgroups,
+    wait_for,
+)
 
 GRACE = 5.0  # seconds a test's processes get to disappear after it (shutdown(wait=False))
 
@@ -26,6 +32,7 @@ def _describe(pids: dict[int, str]) -> str:
 def no_leaks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     before_fds = open_fds()
     before_procs = set(descendants())
+    before_cgroups = pool_cgroups()
     yield
     if request.node.get_closest_marker("leaks_ok"):
         return
@@ -35,6 +42,7 @@ def no_leaks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
             not (set(descendants()) - before_procs)
             and not (open_fds() - before_fds)
             and not [t for t in threading.enumerate() if t.name == "nspool-io"]
+            and not (pool_cgroups() - before_cgroups)
         )
 
     if wait_for(clean, GRACE):
@@ -55,10 +63,24 @@ def no_leaks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
         details.append(f"fds left open: {targets}")
     if threads:
         details.append(f"I/O threads still running: {threads}")
+    cgroups = pool_cgroups() - before_cgroups
+    if cgroups:
+        details.append(f"pool cgroups left behind: {sorted(cgroups)}")
+        _remove_cgroups(cgroups)  # one failure must not poison the machine for the rest
     pytest.fail("test leaked resources:\n" + "\n".join(details), pytrace=False)
 
 
+def _remove_cgroups(dirs: set[str]) -> None:
+    for d in dirs:
+        for sub in [e.path for e in os.scandir(d) if e.is_dir()] + [d]:
+            try:
+                os.rmdir(sub)
+            except OSError:
+                pass
+
+
 _preexisting: set[int] = set()
+_preexisting_cgroups: set[str] = set()
 
 
 def _ours(pid: int) -> bool:
@@ -91,12 +113,15 @@ def _cmd(pid: int) -> str:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     leftover = {p: c for p, c in nspool_processes().items() if _ours(p)}
     zombies = {p: s for p, s in descendants().items() if s == "Z"}
-    if leftover or zombies:
+    cgroups = pool_cgroups() - _preexisting_cgroups
+    if leftover or zombies or cgroups:
         msg = "nspool processes outlived the test session:\n" + _describe(
             {p: "?" for p in leftover}
         )
         if zombies:
             msg += "\nzombie children of the test process:\n" + _describe(zombies)
+        if cgroups:
+            msg += f"\npool cgroups outlived the test session: {sorted(cgroups)}"
         print("\n" + msg, file=sys.stderr)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
@@ -107,6 +132,7 @@ _hypothesis_home: list[str] = []
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "leaks_ok: the test checks leaks itself")
     _preexisting.update(nspool_processes())
+    _preexisting_cgroups.update(pool_cgroups())
     # Hypothesis keeps caches in ./.hypothesis; give it a folder removed at the end instead.
     import tempfile
 

@@ -4,12 +4,10 @@ and v2 layouts, and live tests on this machine's real cgroups (root; skipped oth
 from __future__ import annotations
 
 import errno
-import glob
 import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -475,38 +473,6 @@ def _live_reason() -> str | None:
 
 LIVE_REASON = _live_reason()
 live = pytest.mark.skipif(LIVE_REASON is not None, reason=LIVE_REASON or "")
-
-
-def _pool_dirs() -> set[str]:
-    """Every nspool pool directory in the places this layer makes them."""
-    try:
-        layout = detect_layout()
-    except OSError:
-        return set()
-    found: set[str] = set(glob.glob("/sys/fs/cgroup/*/nspool-*"))
-    for h in layout.hierarchies.values():
-        for place in (h.own_dir, os.path.dirname(os.path.normpath(h.own_dir))):
-            found.update(glob.glob(os.path.join(glob.escape(place), "nspool-*")))
-    return found
-
-
-@pytest.fixture(autouse=True)
-def no_cgroup_left() -> Iterator[None]:
-    before = _pool_dirs()
-    yield
-    left = _pool_dirs() - before
-    for d in left:  # don't let one failure poison the machine
-        for sub in glob.glob(os.path.join(d, "*/")):
-            _rmdir_quiet(sub)
-        _rmdir_quiet(d)
-    assert not left, f"cgroups left behind: {sorted(left)}"
-
-
-def _rmdir_quiet(d: str) -> None:
-    try:
-        os.rmdir(d)
-    except OSError:
-        pass
 
 
 CHILD = textwrap.dedent(

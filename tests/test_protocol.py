@@ -11,6 +11,7 @@ import pytest
 from nspool._protocol import (
     BIG_PAYLOAD,
     CONTROL,
+    EXIT_MEMORY_LIMIT,
     HEADER_SIZE,
     MAX_PAYLOAD,
     Control,
@@ -19,9 +20,11 @@ from nspool._protocol import (
     Kind,
     ProtocolError,
     decode_control,
+    decode_usage,
     encode_control,
     encode_frame,
     encode_header,
+    encode_usage,
 )
 
 # A stream of frames of every kind, with empty, small and odd-sized payloads and extreme idents.
@@ -95,7 +98,24 @@ def test_kind_wire_values_are_fixed() -> None:
         "INIT_FAILED": 6,
         "SKIPPED": 7,
         "TIMED_TASK": 8,
+        "USAGE": 9,
     }
+
+
+def test_usage_payload_round_trip_and_unknowns() -> None:
+    payload = encode_usage(1.5, 0.25, 0.125, 200 << 20)
+    assert len(payload) == 32
+    assert decode_usage(payload) == (1.5, 0.25, 0.125, 200 << 20)
+    assert decode_usage(encode_usage(0.001, None, None, None)) == (0.001, None, None, None)
+    with pytest.raises(ProtocolError, match="USAGE payload of 31 bytes"):
+        decode_usage(payload[:31])
+
+
+def test_exited_memory_limit_flag_stays_out_of_the_wait_status() -> None:
+    value = 0xFFFF | EXIT_MEMORY_LIMIT  # any wait status fits in the low 32 bits
+    packet = encode_control(Control(Ctl.EXITED, 3, value))
+    msg = decode_control(packet)
+    assert msg.value & EXIT_MEMORY_LIMIT and msg.value & 0xFFFFFFFF == 0xFFFF
 
 
 def test_header_layout_is_little_endian_length_kind_ident() -> None:
@@ -405,7 +425,7 @@ def test_pending_bytes_counts_big_frame_header() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", [0, 9, 100, 255])
+@pytest.mark.parametrize("kind", [0, 10, 100, 255])
 def test_unknown_kind_raises(kind: int) -> None:
     decoder = FrameDecoder()
     with pytest.raises(ProtocolError, match="kind"):
@@ -423,7 +443,7 @@ def test_unknown_kind_raises_as_soon_as_the_header_is_complete() -> None:
 def test_unknown_kind_after_good_frames_raises() -> None:
     decoder = FrameDecoder()
     with pytest.raises(ProtocolError):
-        decoder.feed(encode_frame(Kind.OK, 1, b"x") + struct.pack("<QBQ", 0, 9, 2))
+        decoder.feed(encode_frame(Kind.OK, 1, b"x") + struct.pack("<QBQ", 0, 10, 2))
 
 
 @pytest.mark.parametrize("length", [MAX_PAYLOAD + 1, 2**63, 2**64 - 1])
@@ -455,6 +475,7 @@ def test_ctl_wire_values_are_fixed() -> None:
         "SPAWN_FAILED": 4,
         "KILL": 5,
         "EXITED": 6,
+        "LIMITS_ERROR": 7,
     }
 
 
@@ -508,7 +529,7 @@ def test_short_control_packet_raises(size: int) -> None:
         decode_control(packet)
 
 
-@pytest.mark.parametrize("kind", [0, 7, 255])
+@pytest.mark.parametrize("kind", [0, 8, 255])
 def test_unknown_control_kind_raises(kind: int) -> None:
     with pytest.raises(ProtocolError, match="kind"):
         decode_control(struct.pack("<BIq", kind, 1, 0))

@@ -7,6 +7,7 @@ usage: owner.py MODE
   daemonic run a pool inside a daemonic multiprocessing process
   noshutdown  submit a task and exit without shutting the pool down
   forkchild   like hold, but also fork a child that outlives the owner
+  limits   a pool with resource limits and a daemon in it; print PIDs and cgroups, block
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def forkchild() -> None:
         time.sleep(1000)
         os._exit(0)
     report(launcher=ex.launcher_pid, workers=ex.worker_pids(), daemon=daemon, child=child)
+    sys.stdin.read()
+
+
+def limits() -> None:
+    from _procs import pool_cgroups
+
+    ex = NSPoolExecutor(1, kill_leftovers=False, memory_limit="128M", pids_limit=16)
+    daemon = ex.submit(tasks.spawn_daemon).result()
+    report(launcher=ex.launcher_pid, daemon=daemon, cgroups=sorted(pool_cgroups()))
     sys.stdin.read()
 
 
@@ -105,6 +115,7 @@ def daemonic() -> None:
 if __name__ == "__main__":
     {
         "hold": hold,
+        "limits": limits,
         "print": print_mode,
         "ctrlc": ctrlc,
         "daemonic": daemonic,
