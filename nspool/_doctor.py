@@ -72,6 +72,73 @@ def _try_pool(private_proc: bool = False) -> tuple[str | None, float]:
     return None, time.perf_counter() - t0
 
 
+#: each limit (and usage) and the controller it needs
+_LIMITS = (
+    ("limit: memory_limit", "memory"),
+    ("limit: pids_limit", "pids"),
+    ("limit: cpu_limit", "cpu"),
+    ("usage: track_usage", "cpuacct"),
+)
+
+
+def _limit_lines() -> tuple[list[tuple[str, str]], dict[str, object]]:
+    """Which limits work here, without writing anything; and the pool options that do."""
+    from . import _cgroups
+
+    try:
+        layout = _cgroups.detect_layout()
+        problems = _cgroups.check([c for _, c in _LIMITS], layout)
+    except OSError as exc:
+        return [("cgroups", f"cannot be read ({exc})")], {}
+    lines = []
+    for name, controller in _LIMITS:
+        why = problems[controller]
+        if why is None:
+            h = layout.hierarchies[controller]
+            lines.append((name, f"ok (cgroup v{h.version}, {h.own_dir})"))
+        else:
+            lines.append((name, f"not available\n    {why}"))
+    if any(problems.values()):
+        lines.append(("  to get them", _cgroups.HOW_TO_GET_ONE))
+    options: dict[str, object] = {}
+    if problems["memory"] is None:
+        options["memory_limit"] = "256M"
+    if problems["pids"] is None:
+        options["pids_limit"] = 64
+    if problems["cpu"] is None:
+        options["cpu_limit"] = 1.0
+    if problems["cpuacct"] is None:
+        options["track_usage"] = True
+    return lines, options
+
+
+def _usage_task() -> int:
+    block = bytearray(32 << 20)
+    block[::4096] = b"x" * len(block[::4096])
+    return len(block)
+
+
+def _try_limits(options: dict[str, object]) -> str:
+    """Run a task in a pool with every limit that works here; what it measured."""
+    from . import NSPoolExecutor
+
+    t0 = time.perf_counter()
+    try:
+        with NSPoolExecutor(1, **options) as ex:  # type: ignore[arg-type]
+            f = ex.submit(_usage_task)
+            f.result(timeout=60)
+            usage = f.usage
+    except Exception as exc:  # noqa: BLE001 - the doctor reports every failure
+        return f"FAILED\n    {type(exc).__name__}: {exc}"
+    took = (time.perf_counter() - t0) * 1e3
+    text = f"ok ({took:.0f} ms; {', '.join(sorted(options))})"
+    if usage is not None:
+        peak = "?" if usage.memory_peak is None else f"{usage.memory_peak / (1 << 20):.1f} MiB"
+        cpu = "?" if usage.cpu_time is None else f"{usage.cpu_time * 1e3:.1f} ms"
+        text += f"\n    a task touching 32 MiB measured: peak memory {peak}, CPU {cpu}"
+    return text
+
+
 def main() -> int:
     from .launcher._syscalls import SYSCALL_PATH
 
@@ -121,6 +188,10 @@ def main() -> int:
                 else f"not available\n    {proc_err}",
             )
         )
+    limit_lines, options = _limit_lines()
+    lines += limit_lines
+    if pool_err is None and options:
+        lines.append(("live: pool with limits", _try_limits(options)))
     width = max(len(k) for k, _ in lines)
     print("nspool doctor")
     for key, value in lines:

@@ -124,6 +124,11 @@ class WorkerDiedError(BrokenProcessPool):
         #: the number of the signal that killed it, if one did
         self.signal = signal
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments: the default (cls, args) would not rebuild it (Dask, a
+        # result sent to another process, copy.copy).
+        return (_rebuild, (type(self), str(self), self.__dict__))
+
 
 class MemoryLimitError(WorkerDiedError):
     """The task's process tree used more memory than the pool's ``memory_limit``: the kernel's
@@ -136,6 +141,13 @@ class MemoryLimitError(WorkerDiedError):
         super().__init__(message, exitcode=exitcode, signal=signal)
         #: the pool's ``memory_limit`` in bytes
         self.limit = limit
+
+
+def _rebuild(cls: type[WorkerDiedError], message: str, state: dict[str, Any]) -> WorkerDiedError:
+    exc = cls.__new__(cls, message)
+    BrokenProcessPool.__init__(exc, message)
+    exc.__dict__.update(state)
+    return exc
 
 
 class LauncherDiedError(BrokenProcessPool):

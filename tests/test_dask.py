@@ -230,6 +230,27 @@ def test_a_late_plugin_reaches_running_and_new_workers(client: Client, tmp_path:
     assert {i["launcher"] for i in pools(client, "late").values()} == {None}
 
 
+def test_resource_limits_reach_the_pools_of_dask_workers(client: Client) -> None:
+    from nspool import _cgroups
+
+    if os.geteuid() != 0 or _cgroups.check(["memory"])["memory"] is not None:
+        pytest.skip("needs a usable memory controller (root here)")
+    import tasks_limits
+
+    from nspool import MemoryLimitError
+
+    client.register_plugin(NSPoolPlugin("limited", memory_limit="64M"))
+    try:
+        with dask.annotate(executor="limited"):
+            hog = client.submit(tasks_limits.hog_in_child, pure=False)
+            with pytest.raises(MemoryLimitError) as info:
+                hog.result(timeout=60)
+            assert info.value.limit == 64 << 20  # it crossed to this process whole
+            assert client.submit(tasks_limits.allocate, 8, pure=False).result() == 8 << 20
+    finally:
+        client.unregister_worker_plugin("limited")
+
+
 def test_cli_preload_installs_the_plugin(client: Client) -> None:
     """``dask worker ADDRESS --preload nspool.dask --nspool-...``, from a shell."""
     import subprocess

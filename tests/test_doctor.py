@@ -23,8 +23,20 @@ def test_doctor_reports_a_working_machine() -> None:
         "live: pool, task at a unique PID              ok",
         "live: private /proc",
         "verdict: nspool works here",
+        "limit: memory_limit",
+        "limit: pids_limit",
+        "limit: cpu_limit",
+        "usage: track_usage",
     ):
         assert needle in out.stdout, out.stdout
+    from nspool import _cgroups
+
+    usable = [c for c, why in _cgroups.check(["memory", "pids", "cpu"]).items() if why is None]
+    if usable:
+        assert "live: pool with limits                        ok" in out.stdout, out.stdout
+        assert "a task touching 32 MiB measured: peak memory" in out.stdout
+    if len(usable) < 3:
+        assert "not available" in out.stdout and "systemd-run --user" in out.stdout
 
 
 def test_doctor_fails_with_the_remedy_when_namespaces_are_off() -> None:

@@ -82,6 +82,18 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+def test_worker_died_errors_pickle_whole() -> None:
+    """They cross processes (Dask, a task's result): keyword-only fields included."""
+    import pickle
+
+    err = MemoryLimitError("over", limit=64 * MiB, exitcode=None, signal=9)
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is MemoryLimitError and str(back) == "over"
+    assert (back.limit, back.exitcode, back.signal) == (64 * MiB, None, 9)
+    died = pickle.loads(pickle.dumps(WorkerDiedError("gone", exitcode=3, signal=None)))
+    assert type(died) is WorkerDiedError and died.exitcode == 3
+
+
 # --------------------------------------------------------------------------------------------
 # Unprivileged without delegation: a clear error, never a pool without its limit
 

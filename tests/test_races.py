@@ -251,7 +251,6 @@ def wait_until(t: float) -> None:
             os.sched_yield()
 
 
-
 def _bucket(delta: float | None) -> str:
     """Where a kill landed relative to its victim's completion in the worker."""
     if delta is None:

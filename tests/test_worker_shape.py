@@ -53,7 +53,6 @@ def pool(*args: Any, **kwargs: Any) -> Iterator[NSPoolExecutor]:
             ex.kill_workers()
 
 
-
 def describe(o: tuple[str, Any]) -> str:
     kind, value = o
     if kind == "error":
