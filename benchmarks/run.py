@@ -36,6 +36,7 @@ ORDER = (
     "teardown",
     "memory",
     "isolation",
+    "limits",
 )
 
 

@@ -45,7 +45,7 @@ import re
 import signal
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ._cgroup_errors import CgroupBusyError, CgroupError, CgroupUnavailableError
 
@@ -145,8 +145,7 @@ def parse_cpu_limit(value: float) -> float:
     return float(value)
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(NamedTuple):
     """Validated limits for one worker's cgroup; ``None`` means no limit."""
 
     memory: int | None = None
@@ -186,8 +185,11 @@ class Limits:
 # Detection
 
 
-@dataclass(frozen=True)
-class Mount:
+# NamedTuples and plain classes, not dataclasses: the launcher imports this module when a
+# pool has limits, and each dataclass costs about a millisecond to define.
+
+
+class Mount(NamedTuple):
     """One line of /proc/self/mountinfo for a cgroup filesystem."""
 
     root: str  # the part of the hierarchy mounted here
@@ -249,8 +251,7 @@ def parse_proc_cgroup(text: str) -> dict[str, str]:
     return result
 
 
-@dataclass(frozen=True)
-class Hierarchy:
+class Hierarchy(NamedTuple):
     """A cgroup hierarchy as this process sees it."""
 
     version: int  # 1 or 2
@@ -264,12 +265,17 @@ class Hierarchy:
         return self.mountpoint
 
 
-@dataclass(frozen=True)
 class Layout:
     """Which hierarchy serves each controller here; absent ones are in ``missing`` with why."""
 
-    hierarchies: dict[str, Hierarchy]
-    missing: dict[str, str] = field(default_factory=dict)
+    def __init__(
+        self, hierarchies: dict[str, Hierarchy], missing: dict[str, str] | None = None
+    ) -> None:
+        self.hierarchies = hierarchies
+        self.missing = {} if missing is None else missing
+
+    def __repr__(self) -> str:
+        return f"Layout({self.hierarchies!r}, {self.missing!r})"
 
     def describe(self) -> list[str]:
         """One line per controller, for ``python -m nspool doctor``."""
@@ -473,8 +479,7 @@ def check(controllers: Iterable[str], layout: Layout | None = None) -> dict[str,
 # The pool's subtree
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(NamedTuple):
     """What a cgroup used. CPU times in seconds, memory in bytes; ``None`` where this machine
     doesn't account for it. ``memory_peak`` is the high-water mark since the cgroup was made or
     since the last successful ``reset_peak``; ``oom_kills`` counts the OOM killer's kills."""
@@ -515,16 +520,22 @@ class Usage:
         }
 
 
-@dataclass
 class WorkerCgroup:
     """A worker's cgroup: one directory per hierarchy in use (``dirs`` by controller)."""
 
-    wid: int
-    dirs: dict[str, str]
-    limits: Limits
-    #: v2 only: an fd of memory.peak on which "reset" was written (the reset is per open file)
-    peak_fd: int | None = None
-    removed: bool = False
+    __slots__ = ("dirs", "limits", "peak_fd", "removed", "wid")
+
+    def __init__(self, wid: int, dirs: dict[str, str], limits: Limits) -> None:
+        self.wid = wid
+        self.dirs = dirs
+        self.limits = limits
+        #: v2 only: an fd of memory.peak on which "reset" was written (the reset is per open
+        #: file)
+        self.peak_fd: int | None = None
+        self.removed = False
+
+    def __repr__(self) -> str:
+        return f"WorkerCgroup({self.wid}, {self.dirs!r}, {self.limits!r})"
 
     def unique_dirs(self) -> list[str]:
         return list(dict.fromkeys(self.dirs.values()))
