@@ -73,6 +73,12 @@ def test_readme_example_runs_as_written(
 ) -> None:
     if "dask" in code:
         pytest.importorskip("distributed", reason="the Dask example needs nspool[dask]")
+    if "memory_limit=" in code:
+        from nspool import _cgroups
+
+        why = {c: w for c, w in _cgroups.check(["memory", "pids", "cpu"]).items() if w}
+        if why:
+            pytest.skip(f"the limits example needs cgroups this user can't have here: {why}")
     script = tmp_path / "example.py"
     script.write_text(code)
     done = _run([sys.executable, str(script)], tmp_path, 120)
