@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from _procs import (  # noqa: E402
+    alive,
     descendants,
     nspool_processes,
     open_fds,
@@ -42,7 +43,7 @@ def no_leaks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
             not (set(descendants()) - before_procs)
             and not (open_fds() - before_fds)
             and not [t for t in threading.enumerate() if t.name == "nspool-io"]
-            and not (pool_cgroups() - before_cgroups)
+            and not _our_cgroups(before_cgroups)
         )
 
     if wait_for(clean, GRACE):
@@ -63,15 +64,31 @@ def no_leaks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
         details.append(f"fds left open: {targets}")
     if threads:
         details.append(f"I/O threads still running: {threads}")
-    cgroups = pool_cgroups() - before_cgroups
+    cgroups = _our_cgroups(before_cgroups)
     if cgroups:
         details.append(f"pool cgroups left behind: {sorted(cgroups)}")
         _remove_cgroups(cgroups)  # one failure must not poison the machine for the rest
     pytest.fail("test leaked resources:\n" + "\n".join(details), pytrace=False)
 
 
+def _our_cgroups(before: set[str]) -> set[str]:
+    """Pool cgroups made since ``before`` that are leaks of this run: their owner (the
+    launcher named in ``nspool-<pid>-<hex>``) is ours, or is gone (a live launcher removes
+    its subtree before it exits, so a subtree without its owner is always a leak). Pools of
+    other programs, such as a benchmark beside the tests, are left alone."""
+    mine = set(descendants())
+    leaked = set()
+    for d in pool_cgroups() - before:
+        owner = int(os.path.basename(d).split("-")[1])
+        if owner in mine or not alive(owner):
+            leaked.add(d)
+    return leaked
+
+
 def _remove_cgroups(dirs: set[str]) -> None:
     for d in dirs:
+        if alive(int(os.path.basename(d).split("-")[1])):
+            continue  # its launcher still runs: it removes the subtree itself
         for sub in [e.path for e in os.scandir(d) if e.is_dir()] + [d]:
             try:
                 os.rmdir(sub)
@@ -113,7 +130,7 @@ def _cmd(pid: int) -> str:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     leftover = {p: c for p, c in nspool_processes().items() if _ours(p)}
     zombies = {p: s for p, s in descendants().items() if s == "Z"}
-    cgroups = pool_cgroups() - _preexisting_cgroups
+    cgroups = _our_cgroups(_preexisting_cgroups)
     if leftover or zombies or cgroups:
         msg = "nspool processes outlived the test session:\n" + _describe(
             {p: "?" for p in leftover}
