@@ -161,8 +161,6 @@ class Launcher:
         }
         #: the pool's memory limit in bytes (None: none), for the errors it explains
         self.memory_limit = (config.cgroups or {}).get("memory")
-        #: whether workers report each task's usage
-        self.measures_usage = config.cgroups is not None
         try:
             self.proc.stdin.write(json.dumps(payload).encode())
             self.proc.stdin.close()

@@ -602,3 +602,109 @@ def test_unprivileged_without_delegation_is_a_clear_error() -> None:
         pytest.skip("this user has a delegated, writable memory controller")
     with pytest.raises(CgroupUnavailableError, match="systemd-run --user --scope"):
         PoolCgroups.for_limits(Limits.parse(memory_limit="64M"))
+
+
+# --------------------------------------------------------------------------------------------
+# What the pool's processes use: OOM group, OOM watch, the in-worker meter, removal by name
+
+
+def _mkdir_with(files: dict[str, str]):  # type: ignore[no-untyped-def]
+    """os.mkdir that also makes the control files the kernel would make."""
+    real_mkdir = os.mkdir
+
+    def mkdir(path: str, mode: int = 0o777) -> None:
+        real_mkdir(path, mode)
+        for name, text in files.items():
+            Path(path, name).write_text(text)
+
+    return mkdir
+
+
+def test_v2_one_oom_kill_takes_the_whole_worker(tmp_path: Path, fake_fs: None) -> None:
+    layout = detect_layout(*v2_tree(tmp_path))
+    with PoolCgroups.for_limits(Limits.parse("64M"), layout=layout) as pool:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(os, "mkdir", _mkdir_with({"memory.oom.group": "0\n"}))
+            w = pool.create_worker(1)
+        assert Path(w.dirs["memory"], "memory.oom.group").read_text() == "1"
+        assert pool.watch_oom(w) is None  # v2 needs no watch: the kernel kills the group
+
+
+def test_v2_meter_reads_cpu_stat_peak_and_events(tmp_path: Path, fake_fs: None) -> None:
+    layout = detect_layout(*v2_tree(tmp_path))
+    with PoolCgroups.for_limits(Limits.parse("64M"), layout=layout) as pool:
+        w = pool.create_worker(1)
+        leaf = Path(w.dirs["memory"])
+        (leaf / "cpu.stat").write_text(
+            "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n"
+        )
+        (leaf / "memory.peak").write_text(f"{40 * MiB}\n")
+        (leaf / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 2\n")
+        meter = pool.meter(w)
+        try:
+            assert meter.read() == Usage(2.0, 0.5, 2.5, 40 * MiB, None, 2)
+            assert meter.reset_peak()  # "reset\n" written through the meter's own fd
+            assert (leaf / "memory.peak").read_text().startswith("reset\n")
+        finally:
+            meter.close()
+
+
+def test_v1_meter_reads_cpuacct_max_usage_and_oom_control(tmp_path: Path, fake_fs: None) -> None:
+    layout = detect_layout(*v1_tree(tmp_path))
+    files = {
+        "cpuacct.usage_user": "1500000000\n",
+        "cpuacct.usage_sys": "250000000\n",
+        "memory.max_usage_in_bytes": f"{30 * MiB}\n",
+        "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
+    }
+    with PoolCgroups.for_limits(Limits.parse("64M", cpu_limit=1.0), layout=layout) as pool:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(os, "mkdir", _mkdir_with(files))
+            w = pool.create_worker(1)
+        meter = pool.meter(w)
+        try:
+            assert meter.read() == Usage(1.5, 0.25, 1.75, 30 * MiB, None, 0)
+            assert meter.reset_peak()
+            assert Path(w.dirs["memory"], "memory.max_usage_in_bytes").read_text()[0] == "0"
+        finally:
+            meter.close()
+
+
+def test_meter_without_accounting_reads_nothing(tmp_path: Path, fake_fs: None) -> None:
+    layout = detect_layout(*v1_tree(tmp_path))
+    with PoolCgroups(["pids"], (), limits=Limits(pids=4), layout=layout) as pool:
+        meter = pool.meter(pool.create_worker(1))
+        assert meter.read() == Usage()
+        assert not meter.reset_peak()
+        meter.close()
+
+
+def test_remove_pool_by_name(tmp_path: Path, fake_fs: None) -> None:
+    layout = detect_layout(*v1_tree(tmp_path))
+    pool = PoolCgroups.for_limits(Limits.parse("64M", 8, 0.5), layout=layout)
+    pool.create_worker(1)
+    nodes = set(pool.nodes.values())
+    assert all(os.path.isdir(n) for n in nodes)
+    assert set(cg.remove_pool(pool.name, layout)) == nodes  # as the launcher does at its end
+    assert not any(os.path.exists(n) for n in nodes)
+    assert cg.remove_pool(pool.name, layout) == []
+    with pytest.raises(ValueError, match="not an nspool pool"):
+        cg.remove_pool("../etc", layout)
+
+
+@live
+def test_live_v1_oom_watch_fires() -> None:
+    import select
+
+    with PoolCgroups.for_limits(Limits.parse(memory_limit="48M")) as pool:
+        w = pool.create_worker(1)
+        efd = pool.watch_oom(w)
+        if efd is None:
+            pytest.skip("the memory controller is v2 here: no watch needed")
+        try:
+            proc = _start_in(pool, w, "hog")
+            _go(proc)
+            assert proc.returncode == -9
+            assert select.select([efd], [], [], 5)[0], "no OOM event"
+        finally:
+            os.close(efd)
