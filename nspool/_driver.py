@@ -13,6 +13,7 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import CancelledError
+from threading import current_thread as _current_thread
 from typing import Any
 
 from ._launch import Launcher
@@ -71,6 +72,9 @@ class Conn:
         "writing",
         "close_after",
         "usage",
+        "reader",
+        "close_deferred",
+        "poller",
     )
 
     def __init__(
@@ -86,6 +90,12 @@ class Conn:
         self.writing = False  # the front waits for room in the task pipe
         self.close_after = False  # close task_fd once ``out`` is written
         self.usage: tuple[int, TaskUsage] | None = None  # (seq, usage) of the next result
+        #: a thread of the front's that reads this worker's results for now (it waits on one
+        #: of them; see ``executor``), or None: then the front's usual reader does
+        self.reader: object | None = None
+        #: the result pipe was to be closed while ``reader`` was using it: it closes it
+        self.close_deferred = False
+        self.poller: Any = None  # the reader's poll object for the result pipe
 
 
 class PoolDriver:
@@ -375,6 +385,11 @@ class PoolDriver:
 
     def _close_result(self, conn: Conn) -> None:
         if conn.result_fd >= 0:
+            if conn.reader is not None and conn.reader is not _current_thread():
+                # Another thread waits on this pipe right now (outside the lock): closing it
+                # could hand its number to a new file under that wait. That thread closes it.
+                conn.close_deferred = True
+                return
             self._release_fd(conn.result_fd)
             os.close(conn.result_fd)
             conn.result_fd = -1

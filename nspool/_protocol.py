@@ -49,6 +49,9 @@ class Kind(enum.IntEnum):
     USAGE = 9
 
 
+_KINDS = {int(k): k for k in Kind}
+_unpack_header = HEADER.unpack_from
+
 #: A task's ``ident`` is its *seq*: 1, 2, 3... in the order the program wrote tasks to that
 #: worker. Results answer in the same order, and stop requests name a task by its seq.
 
@@ -170,6 +173,12 @@ class FrameDecoder:
         if self._big is not None:
             self._big_filled += nbytes
             self._finish_big()
+        elif not self._buf:
+            # The common case, whole small frames: parse them where they were read, and keep
+            # only an incomplete tail (one copy per payload instead of three).
+            pos = self._parse_from(self._scratch, 0, nbytes)
+            if pos < nbytes:
+                self.feed(memoryview(self._scratch)[pos:nbytes])
         else:
             self.feed(memoryview(self._scratch)[:nbytes])
 
@@ -198,34 +207,39 @@ class FrameDecoder:
 
     # -- internals ----------------------------------------------------------------------------
     def _parse(self) -> None:
-        buf = self._buf
-        pos = 0
-        end = len(buf)
+        pos = self._parse_from(self._buf, 0, len(self._buf))
+        if pos:
+            del self._buf[:pos]
+
+    def _parse_from(self, buf: bytearray, pos: int, end: int) -> int:
+        """Take the complete frames in ``buf[pos:end]`` (and start a big one); return where
+        the unparsed rest begins."""
+        frames = self._frames
+        view = memoryview(buf)
         while end - pos >= HEADER_SIZE:
-            length, kind, ident = HEADER.unpack_from(buf, pos)
-            try:
-                kind = Kind(kind)
-            except ValueError:
-                raise ProtocolError(f"unknown frame kind {kind}") from None
+            length, kind_value, ident = _unpack_header(buf, pos)
+            kind = _KINDS.get(kind_value)
+            if kind is None:
+                raise ProtocolError(f"unknown frame kind {kind_value}")
             if length > MAX_PAYLOAD:
                 raise ProtocolError(f"frame length {length} is too large")
             start = pos + HEADER_SIZE
             if end - start >= length:
-                self._frames.append(Frame(kind, ident, bytes(buf[start : start + length])))
+                frames.append(Frame(kind, ident, view[start : start + length].tobytes()))
                 pos = start + length
             elif length >= BIG_PAYLOAD:
                 # Give the payload its own buffer and fill it in place from now on.
                 self._big = bytearray(length)
                 have = end - start
-                self._big[:have] = buf[start:end]
+                self._big[:have] = view[start:end]
                 self._big_filled = have
                 self._big_head = (kind, ident)
                 pos = end
                 break
             else:
                 break
-        if pos:
-            del buf[:pos]
+        view.release()
+        return pos
 
     def _finish_big(self) -> None:
         if self._big is not None and self._big_filled == len(self._big):

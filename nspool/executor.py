@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import selectors
 import signal
 import sys
 import threading
 import time
+import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +29,7 @@ from . import _serialize
 from ._chunks import process_chunk
 from ._driver import Completion, Conn, PoolDriver
 from ._launch import LaunchConfig, Launcher, cgroups_config
-from ._pool import PoolCore, StopAction, Task
+from ._pool import PoolCore, StopAction, Task, TState
 from ._protocol import Kind
 from ._usage import TaskUsage
 from .errors import BrokenProcessPool, TaskPicklingError, TaskUnpicklingError
@@ -35,6 +37,9 @@ from .errors import BrokenProcessPool, TaskPicklingError, TaskUnpicklingError
 __all__ = ["NSPoolExecutor"]
 
 T = TypeVar("T")
+
+#: a task in these states has a worker, whose result pipe will answer it
+_IN_WORKER = (TState.SENT, TState.STOPPING)
 
 
 class _Engine(PoolDriver):
@@ -155,7 +160,9 @@ class _Engine(PoolDriver):
                             if mask & selectors.EVENT_READ:
                                 self.on_control(done)
                         elif isinstance(what, Conn):
-                            if what.result_fd >= 0:
+                            # A pipe a waiting thread reads (it took it after this select
+                            # returned) is left to that thread: its poll would miss the data.
+                            if what.result_fd >= 0 and what.reader is None:
                                 self.on_readable(what, done)
                         else:  # room in a task pipe
                             conn = what[0]
@@ -185,6 +192,75 @@ class _Engine(PoolDriver):
             raise
         finally:
             self._teardown()
+
+    # -- a waiting caller reads its result itself (leader/follower) ---------------------------
+    # (Only that thread reads a pipe it took: were the I/O thread to read the data its poll
+    # waits for, nothing would wake it. A task settled any other way is one whose worker
+    # died, which ends the pipe, and that wakes the poll too.)
+    # A thread that waits in ``NSFuture.result()`` for a task a worker has takes that worker's
+    # result pipe from the I/O thread's selector, waits on it in ``poll`` and reads and settles
+    # what comes, itself, under the lock. The common path (one call at a time) then has no
+    # thread hop: the worker's write wakes the caller directly, as in a plain pipe. Only one
+    # thread reads a pipe at a time (``Conn.reader``); a pipe that must close meanwhile is
+    # closed by that thread (``Conn.close_deferred``), and whatever settles a task another
+    # way (its worker's exit, a stop, a broken pool) also ends or closes its pipe, which
+    # wakes the reader. No reader ever runs callbacks while it holds a pipe.
+
+    def try_lead(self, task: Task | None) -> Conn | None:
+        """Take ``task``'s worker's result pipe from the I/O thread (lock held); None when
+        that can't be (the task is queued or done, another thread reads that pipe, this is
+        the I/O thread, or the pool is broken or a child's)."""
+        if task is None or task.state not in _IN_WORKER or self.broken is not None:
+            return None
+        conn = self.conns.get(task.wid)
+        if conn is None or conn.reader is not None or conn.result_fd < 0:
+            return None
+        if threading.current_thread() is self.thread:
+            return None
+        conn.reader = threading.current_thread()
+        self._release_fd(conn.result_fd)
+        if conn.poller is None:
+            conn.poller = select.poll()
+            conn.poller.register(conn.result_fd, select.POLLIN)
+        return conn
+
+    def read_led(self, conn: Conn, done: list[Completion]) -> None:
+        """Read what the worker sent, as the I/O thread would (lock held)."""
+        try:
+            if conn.result_fd >= 0 and not conn.close_deferred:
+                self.on_readable(conn, done)
+            self.step(done, spawn=False)
+        except Exception as exc:  # noqa: BLE001 - a bug in nspool: stop the pool, say so
+            traceback.print_exc()  # the I/O thread's own failure shows the same way
+            if self.broken is None:
+                self.break_pool(
+                    BrokenProcessPool(
+                        f"nspool's I/O failed in a thread waiting for a result, so the pool "
+                        f"stopped (a bug in nspool; please report it): "
+                        f"{type(exc).__name__}: {exc}"
+                    ),
+                    done,
+                )
+        core = self.core
+        if (
+            self.broken is not None
+            or self.shutdown_requested
+            or self.launcher.outbox
+            or (core.queue and len(core.workers) < core.max_workers)
+        ):
+            self.wake()  # the I/O thread starts workers, or finishes the pool
+
+    def unlead(self, conn: Conn) -> None:
+        """Give the result pipe back to the I/O thread, or close it if it had to close."""
+        conn.reader = None
+        fd = conn.result_fd
+        if fd < 0:
+            return
+        if conn.close_deferred:
+            conn.result_fd = -1
+            os.close(fd)
+        else:
+            self.sel.register(fd, selectors.EVENT_READ, conn)
 
     def _drain_wake(self) -> None:
         self.wake_pending = False
@@ -286,6 +362,62 @@ class NSFuture(Future[T]):
     #: is done, on pools with resource limits or ``track_usage=True``; else None. Tasks
     #: that were killed (``kill()``, a deadline, a limit) have none.
     usage: TaskUsage | None = None
+
+    def result(self, timeout: float | None = None) -> T:
+        """As ``Future.result``; waiting for a task that a worker runs reads its result
+        straight from the worker (see ``_Engine.try_lead``)."""
+        if self._nspool is not None and not self.done():
+            timeout = self._lead(timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """As ``Future.exception``, reading straight from the worker like :meth:`result`."""
+        if self._nspool is not None and not self.done():
+            timeout = self._lead(timeout)
+        return super().exception(timeout)
+
+    def _lead(self, timeout: float | None) -> float | None:
+        """Wait for the outcome by reading the worker's result pipe in this thread while
+        possible; returns the time left of ``timeout``."""
+        assert self._nspool is not None
+        engine, task_ref = self._nspool
+        end = None if timeout is None else time.monotonic() + timeout
+        conn: Conn | None = None
+        try:
+            while True:
+                done: list[Completion] = []
+                with engine.lock:
+                    if conn is not None:
+                        engine.read_led(conn, done)
+                        task = task_ref()
+                        if (
+                            done
+                            or task is None
+                            or task.state not in _IN_WORKER
+                            or conn.result_fd < 0
+                            or conn.close_deferred
+                        ):
+                            # Settled, moved, the worker gone, or callbacks to run: never
+                            # run them holding the pipe (one of them may wait on it).
+                            engine.unlead(conn)
+                            conn = None
+                    if conn is None and not done and not self.done():
+                        conn = engine.try_lead(task_ref())
+                _complete(done)
+                if conn is None:
+                    if done and not self.done():
+                        continue  # others' outcomes came first: lead again
+                    break  # settled, or it must be waited for the usual way
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                # A result, the pipe's end (the worker is gone) or an error wakes us.
+                conn.poller.poll(None if left is None else max(1, int(left * 1000 + 0.999)))
+        finally:
+            if conn is not None:
+                with engine.lock:
+                    engine.unlead(conn)
+        return None if end is None else max(0.0, end - time.monotonic())
 
     def kill(self, timeout: float | None = 10.0) -> bool:
         """Hard-cancel: stop this task even if it is running, and wait for the outcome.

@@ -51,3 +51,17 @@ def work(path: str, index: int, duration: float, spin: bool, token: object) -> o
         time.sleep(duration)
     struct.pack_into("d", m, index * RECORD.size + 8, time.monotonic())
     return token
+
+
+def spin(duration: float, token: object) -> object:
+    """Busy-spin ``duration`` seconds, then return ``token``."""
+    until = time.monotonic() + duration
+    while time.monotonic() < until:
+        pass
+    return token
+
+
+def die(duration: float, code: int = 7) -> None:
+    """Busy-spin ``duration`` seconds, then exit the worker's task process with ``code``."""
+    spin(duration, None)
+    os._exit(code)

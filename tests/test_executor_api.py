@@ -473,8 +473,10 @@ def test_a_bug_in_the_io_thread_fails_every_pending_future_and_says_so() -> None
                 raise RuntimeError("injected bug")
 
             engine._on_frame = broken  # type: ignore[method-assign]
+            # wait(), not result(): a thread in result() reads its result itself (next test)
+            assert not wait([gate, *queued], timeout=30).not_done
             for f in [gate, *queued]:
-                exc = f.exception(timeout=30)
+                exc = f.exception(timeout=0)
                 assert isinstance(exc, BrokenProcessPool), exc
                 assert "I/O thread failed" in str(exc) and "injected bug" in str(exc)
                 assert not isinstance(exc, LauncherDiedError)
@@ -483,6 +485,31 @@ def test_a_bug_in_the_io_thread_fails_every_pending_future_and_says_so() -> None
     finally:
         threading.excepthook = old_hook
     assert [type(e) for e in caught] == [RuntimeError]
+
+
+def test_a_bug_while_a_waiting_thread_reads_fails_every_pending_future_and_says_so(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The same bug met by a thread that reads its own result in result(): that thread gets
+    BrokenProcessPool like every other pending future, and the traceback is printed."""
+    with NSPoolExecutor(1) as pool:
+        assert pool.submit(tasks.square, 3).result() == 9
+        engine = pool._engine
+        gate = pool.submit(time.sleep, 0.5)
+        queued = [pool.submit(tasks.square, i) for i in range(5)]
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("injected bug")
+
+        engine._on_frame = broken  # type: ignore[method-assign]
+        for f in [gate, *queued]:
+            exc = f.exception(timeout=30)
+            assert isinstance(exc, BrokenProcessPool), exc
+            assert "failed in a thread waiting for a result" in str(exc)
+            assert "injected bug" in str(exc)
+        with pytest.raises(BrokenProcessPool, match="injected bug"):
+            pool.submit(tasks.square, 1)
+    assert "RuntimeError: injected bug" in capfd.readouterr().err
 
 
 def test_shutdown_while_the_io_thread_ends_leaves_its_closed_wake_pipe_alone(
