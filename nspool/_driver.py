@@ -134,8 +134,8 @@ class PoolDriver:
     def step(self, done: list[Completion], *, spawn: bool = True) -> None:
         """Hand queued tasks to workers and start missing workers. (Deadlines need nothing
         from here: each worker's init keeps its running task's deadline.)"""
-        if self.broken is not None:
-            return
+        if self.broken is not None or not self.core.queue:
+            return  # with nothing queued there is nothing to hand out or start
         actions = self.core.schedule(time.monotonic(), spawn=spawn)
         for slot in actions.spawn:
             try:
@@ -251,8 +251,9 @@ class PoolDriver:
         decoder = conn.decoder
         count = itertools.count() if reads is None else range(reads)
         for _ in count:
+            buf = decoder.get_buffer()
             try:
-                n = os.readv(conn.result_fd, [decoder.get_buffer()])
+                n = os.readv(conn.result_fd, [buf])
             except BlockingIOError:
                 break
             if n == 0:
@@ -261,6 +262,11 @@ class PoolDriver:
                 self._close_result(conn)
                 break
             decoder.buffer_updated(n)
+            if n < len(buf) and reads is not None:
+                # A pipe read returns less than asked only when the pipe is empty: no need
+                # to ask again (that read would fail with EAGAIN). What comes later wakes
+                # the reader again (level-triggered). A dead worker's pipe is read to EOF.
+                break
         now = time.monotonic()
         while (frame := decoder.next_frame()) is not None:
             self._on_frame(conn, frame, now, done)

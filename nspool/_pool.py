@@ -402,10 +402,36 @@ class PoolCore:
         return None
 
     # -- decisions ----------------------------------------------------------------------------
+    def _send_to_idle(self, actions: Actions, now: float) -> bool:
+        """The single queued task to the first idle worker, if there is one (what the general
+        path below picks too: the first worker at the lowest level); False if none is idle."""
+        for w in self.workers.values():
+            if w.state is WState.READY and not w.inflight and w.forced is None and w.budget != 0:
+                break
+        else:
+            return False
+        task = self._claim_next()
+        if task is None:
+            return True  # it was cancelled meanwhile: nothing to send, nothing to start
+        w.head_since = now
+        self._move(task, Ev.SEND)
+        w.last_seq += 1
+        task.wid, task.seq = w.wid, w.last_seq
+        w.inflight.append(task)
+        actions.send = [(w, [task])]
+        if w.budget is not None:
+            w.budget -= 1
+            if w.budget == 0:
+                w.state = WState.CLOSING
+                actions.close.append(w)
+        return True
+
     def schedule(self, now: float, *, spawn: bool = True) -> Actions:
         """Hand queued tasks to workers with room, and ask for workers that are missing."""
         actions = Actions()
         queue = self.queue
+        if len(queue) == 1 and self._send_to_idle(actions, now):
+            return actions  # the common case of one call at a time, decided as below would
         if queue:
             cap = self.depth()
             if cap > 1 and (
