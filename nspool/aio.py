@@ -394,10 +394,20 @@ async def run_sync(
         state = _DefaultPool()
         _default_pool.set(state)
         _start_lifetime(state)
-    await state.ready.wait()
+    if not state.ready.is_set():  # waiting on a set Event would still cost a loop round
+        await state.ready.wait()
     if state.pool is None:  # it could not start (e.g. NamespaceError): say why, every time
         raise BrokenProcessPool(
             f"the default nspool pool could not start: {state.error!r}"
         ) from state.error
-    async with limiter or current_default_pool_limiter():
+    limiter = limiter or current_default_pool_limiter()
+    try:
+        # A free token is taken without the checkpoint ``async with`` makes (a whole event
+        # loop round); the call itself checkpoints (it waits for its result).
+        limiter.acquire_nowait()
+    except anyio.WouldBlock:
+        await limiter.acquire()
+    try:
         return await state.pool.run(fn, *args, cancellable=cancellable)
+    finally:
+        limiter.release()
