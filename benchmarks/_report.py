@@ -96,6 +96,17 @@ def markdown(results: Sequence[BenchResult], meta: dict[str, str], plots: dict[s
         lines = summary_lines(results, kind)
         if lines:
             out += [f"## {title}", "", "Cells: median (nspool advantage).", "", *lines, ""]
+    from ._goals import goal_lines
+
+    out += [
+        "## Latency goals (issue 13)",
+        "",
+        "Each goal's figure from this run's own tables, per repeat, median [min–max]; the "
+        "verdict is the median's. Rows whose benchmarks did not run say so.",
+        "",
+        *goal_lines(results),
+        "",
+    ]
     for r in results:
         out += [f"## {r.bench.title}", "", r.bench.about, "", f"_Took {r.seconds:.0f} s._", ""]
         for t in r.tables:

@@ -31,7 +31,9 @@ ORDER = (
     "throughput",
     "payload",
     "coldstart",
+    "firstpool",
     "respawn",
+    "churn",
     "scaling",
     "teardown",
     "memory",
@@ -235,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         text += "\n**Processes left after the whole run (killed):** " + "; ".join(final) + "\n"
     for name in (f"{day}.md", "latest.md"):
         (out / name).write_text(text)
+    from benchmarks._goals import goal_lines
+
+    log("\nlatency goals (issue 13):\n" + "\n".join(goal_lines(results)))
     log(f"wrote {out / f'{day}.md'} and latest.md")
     problems = final or any(t.errors or t.leftovers for r in results for t in r.tables)
     return 1 if problems else 0

@@ -32,4 +32,9 @@ def test_benchmark_suite_runs_in_quick_mode(tmp_path: Path) -> None:
     report = (tmp_path / "latest.md").read_text()
     assert "| nspool |" in report or "nspool" in report.splitlines()[0]
     assert "left processes behind" not in report
+    # every latency goal has its row, with its benchmarks run (issue 13)
+    assert "## Latency goals (issue 13)" in report
+    assert "goals met in this run" in out.stderr
+    goals = report.split("## Latency goals (issue 13)")[1].split("\n## ")[0]
+    assert "not measured" not in goals and goals.count("\n| ") >= 11, goals
     assert list(tmp_path.glob("*.png"))
