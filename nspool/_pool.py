@@ -361,6 +361,16 @@ class PoolCore:
             w.inflight.clear()
         return tasks
 
+    def occupied(self) -> int:
+        """Workers that count against ``max_workers``: all but those that only exit now (closing
+        with no task left: their last result is in), so that their replacement starts while
+        they go (``max_tasks_per_child``, idle workers closing)."""
+        return sum(1 for w in self.workers.values() if w.inflight or w.state is not WState.CLOSING)
+
+    def can_grow(self) -> bool:
+        """Whether one more worker may start now."""
+        return self.occupied() < self.max_workers
+
     def cancel_queued(self) -> list[Task]:
         """Remove and return the queued tasks no worker would take now (``cancel_futures``).
 
@@ -368,7 +378,7 @@ class PoolCore:
         of the queue stays if a worker is free for it (idle, starting, or one the pool may
         still start). Tasks requeued after their worker died are already running and stay.
         """
-        free = max(self.max_workers - len(self.workers), 0) + sum(
+        free = max(self.max_workers - self.occupied(), 0) + sum(
             1
             for w in self.workers.values()
             if w.forced is None
@@ -435,8 +445,7 @@ class PoolCore:
         if queue:
             cap = self.depth()
             if cap > 1 and (
-                len(self.workers) < self.max_workers
-                or any(w.state is WState.STARTING for w in self.workers.values())
+                self.can_grow() or any(w.state is WState.STARTING for w in self.workers.values())
             ):
                 # A task may wait behind another only when every worker the pool may have is
                 # up: until then it waits in the queue for the next free or new worker.
@@ -478,8 +487,7 @@ class PoolCore:
                 actions.send = [(self.workers[wid], ts) for wid, ts in batches.items()]
         if spawn and queue and not self.startup_failing:
             starting = sum(1 for w in self.workers.values() if w.state is WState.STARTING)
-            live = len(self.workers)
-            want = min(len(queue) - starting, self.max_workers - live)
+            want = min(len(queue) - starting, self.max_workers - self.occupied())
             for _ in range(max(want, 0)):
                 slot = WorkerSlot(self._next_wid, budget=self.max_tasks_per_child)
                 self._next_wid += 1

@@ -110,7 +110,7 @@ class _Engine(PoolDriver):
             done: list[Completion] = []
             self.step(done, spawn=False)
             assert not done  # only spawning can fail the pool
-        if core.queue and len(core.workers) < core.max_workers:
+        if core.queue and core.can_grow():
             self.wake()  # the I/O thread starts workers
 
     # -- hooks ------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ class _Engine(PoolDriver):
             self.broken is not None
             or self.shutdown_requested
             or self.launcher.outbox
-            or (core.queue and len(core.workers) < core.max_workers)
+            or (core.queue and core.can_grow())
         ):
             self.wake()  # the I/O thread starts workers, or finishes the pool
 

@@ -642,15 +642,20 @@ def test_budget_closes_the_worker_and_never_over_assigns() -> None:
     assert w.state is WState.CLOSING
     assert w.budget == 0
     # While it finishes, nothing more goes to it and no extra worker exceeds max_workers.
-    for seq in (1, 2, 3):
+    for seq in (1, 2):
         core.on_result(w.wid, seq, 0.0)
         assert not core.schedule(0.0)
-    assert w not in [s for s, _ in core.schedule(0.0).send]
-    # It exits on purpose: nothing lost, and a fresh worker with a fresh budget replaces it.
+    # Its last result is in: it only exits now, so a fresh worker with a fresh budget
+    # replaces it already (it does not count against max_workers any more).
+    core.on_result(w.wid, 3, 0.0)
+    actions = core.schedule(0.0)
+    (fresh,) = actions.spawn
+    assert fresh.budget == 3 and not actions.send
+    assert core.occupied() == 1 and len(core.workers) == 2
+    # It exits on purpose: nothing lost, and nothing more is started.
     out = core.on_exit(w.wid, WorkerEnd(started=3))
     assert out.ended == [] and out.requeued == 0
-    (fresh,) = core.schedule(0.0).spawn
-    assert fresh.budget == 3
+    assert not core.schedule(0.0).spawn
     assert queue_ids(core) == [4, 5, 6, 7, 8, 9, 10]
 
 

@@ -213,7 +213,8 @@ class PoolMachine(RuleBasedStateMachine):
         depth = core.depth()
         failing = core.startup_failing
         starting = sum(1 for w in self.workers.values() if not w.ready)
-        live = len(self.workers)
+        # A closed worker with no task left only exits: its replacement may start already.
+        live = sum(1 for w in self.workers.values() if not (w.closed and not w.pipe))
 
         actions = core.schedule(self.now, spawn=spawn)
 
@@ -533,7 +534,11 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def workers_and_startup_failures_are_bounded(self) -> None:
         core = self.core
-        assert len(core.workers) <= core.max_workers
+        # Working (or starting) workers stay within max_workers; exiting ones come on top.
+        assert sum(1 for w in self.workers.values() if not (w.closed and not w.pipe)) <= (
+            core.max_workers
+        )
+        assert core.occupied() <= core.max_workers
         assert core.startup_failing == (self.fails >= core.max_startup_failures)
         starting = sum(1 for s in core.workers.values() if s.state is WState.STARTING)
         assert starting == sum(1 for w in self.workers.values() if not w.ready)
