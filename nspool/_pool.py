@@ -29,6 +29,10 @@ def default_max_workers() -> int:
 class TState(enum.Enum):
     """Where a task is."""
 
+    # Members are singletons: hash by identity, in C (Enum's own __hash__ is Python code,
+    # and TRANSITIONS is looked up on every move of every task).
+    __hash__ = object.__hash__
+
     QUEUED = "queued"  #: in the pool's queue, in no worker
     SENT = "sent"  #: written to a worker; its outcome will come from that worker
     STOPPING = "stopping"  #: sent, and that worker was asked to stop it
@@ -37,6 +41,8 @@ class TState(enum.Enum):
 
 class Ev(enum.Enum):
     """What happens to a task."""
+
+    __hash__ = object.__hash__  # as TState's
 
     SEND = "send"  #: handed to a worker (its seq there is set)
     STOP = "stop"  #: kill()/cancellation: dequeued, or its worker asked to stop it
