@@ -147,7 +147,8 @@ GOALS: tuple[Goal, ...] = (
     ),
     Goal(
         "churn, `max_tasks_per_child=1`",
-        ">= 2x the 455 tasks/s of the issue: 910 tasks/s",
+        ">= 2x today's: the issue measured 455 tasks/s, so 910/s "
+        "(this benchmark: about 310/s before the issue's work)",
         (Check("churn", "sync", "nspool", "300 tasks, a new worker each", 910, False, label="/s"),),
     ),
     Goal(
