@@ -2,7 +2,9 @@
 # `make test`: ruff and mypy, then the test suite and CPython's own ProcessPoolExecutor tests
 # (tests/stdlib_harness.py) on every supported Python this machine has -- the default python3
 # always, and the oldest (3.10) and newest (3.13) supported ones where pyenv or PATH has them --
-# then the suite as an unprivileged user where the machine allows it (root + setpriv).
+# then the suite as an unprivileged user where the machine allows it (root + setpriv). The
+# default python3's suite run is left out when the unprivileged stage runs the suite on the same
+# minor version (it says so).
 #
 #   scripts/test-all.sh [STAGE ...]     stages: lint suite stdlib unprivileged (default: all),
 #                                       and soak (the race tests alone, newest Python: make soak)
@@ -97,7 +99,21 @@ for stage in "${stages[@]}"; do
     "$venv/bin/mypy"
     ;;
   suite)
+    # The unprivileged stage runs the whole suite too: a DEFAULT Python of the same minor
+    # version as its interpreter adds little but another two minutes (the oldest and newest
+    # always run as root, which covers the root-only tests).
+    unpriv_minor=""
+    if [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null \
+      && [[ " ${stages[*]} " == *" unprivileged "* ]]; then
+      unpriv_minor=$(version_of "${UNPRIV_PYTHON:-/usr/bin/python3}") || unpriv_minor=""
+      unpriv_minor=${unpriv_minor%.*}
+    fi
     for r in "${roles[@]}"; do
+      v=$(version_of "${r#*:}")
+      if [ "${r%%:*}" = DEFAULT ] && [ -n "$unpriv_minor" ] && [ "${v%.*}" = "$unpriv_minor" ]; then
+        say "test suite on Python $v skipped: the unprivileged stage runs it on Python $unpriv_minor"
+        continue
+      fi
       venv=$(venv_for "${r%%:*}" "${r#*:}")
       say "test suite on Python $(version_of "${r#*:}") ($venv)"
       "$venv/bin/python" -m pytest || failed+=("suite on $(version_of "${r#*:}")")
@@ -105,6 +121,11 @@ for stage in "${stages[@]}"; do
     ;;
   stdlib)
     for r in "${roles[@]}"; do
+      if ! "${r#*:}" -c 'import test.test_concurrent_futures' 2>/dev/null; then
+        # No virtual environment to make for nothing: the harness would say the same.
+        say "CPython's ProcessPoolExecutor tests skipped on Python $(version_of "${r#*:}"): its test package (test.test_concurrent_futures) is not installed"
+        continue
+      fi
       venv=$(venv_for "${r%%:*}" "${r#*:}")
       say "CPython's ProcessPoolExecutor tests against nspool, Python $(version_of "${r#*:}") ($venv)"
       "$venv/bin/python" tests/stdlib_harness.py || failed+=("stdlib harness on $(version_of "${r#*:}")")

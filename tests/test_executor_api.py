@@ -6,7 +6,7 @@ import os
 import pickle
 import threading
 import time
-from concurrent.futures import CancelledError, TimeoutError, wait
+from concurrent.futures import CancelledError, Future, TimeoutError, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -455,6 +455,19 @@ def test_shutdown_request_while_the_pool_lock_is_held_does_not_deadlock() -> Non
         pool.submit(tasks.square, 1)
 
 
+def _pending_then_a_bug(pool: NSPoolExecutor) -> list[Future[object]]:
+    """A running task and five queued ones; then every frame read fails with a bug."""
+    assert pool.submit(tasks.square, 3).result() == 9
+    pending: list[Future[object]] = [pool.submit(time.sleep, 0.5)]
+    pending += [pool.submit(tasks.square, i) for i in range(5)]
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected bug")
+
+    pool._engine._on_frame = broken  # type: ignore[method-assign]
+    return pending
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_bug_in_the_io_thread_fails_every_pending_future_and_says_so() -> None:
     """If the I/O thread dies of a bug, every pending future fails at once with an error that
@@ -464,18 +477,10 @@ def test_a_bug_in_the_io_thread_fails_every_pending_future_and_says_so() -> None
     threading.excepthook = lambda args: caught.append(args.exc_value)
     try:
         with NSPoolExecutor(1) as pool:
-            assert pool.submit(tasks.square, 3).result() == 9
-            engine = pool._engine
-            gate = pool.submit(time.sleep, 0.5)
-            queued = [pool.submit(tasks.square, i) for i in range(5)]
-
-            def broken(*args: object, **kwargs: object) -> None:
-                raise RuntimeError("injected bug")
-
-            engine._on_frame = broken  # type: ignore[method-assign]
+            pending = _pending_then_a_bug(pool)
             # wait(), not result(): a thread in result() reads its result itself (next test)
-            assert not wait([gate, *queued], timeout=30).not_done
-            for f in [gate, *queued]:
+            assert not wait(pending, timeout=30).not_done
+            for f in pending:
                 exc = f.exception(timeout=0)
                 assert isinstance(exc, BrokenProcessPool), exc
                 assert "I/O thread failed" in str(exc) and "injected bug" in str(exc)
@@ -493,16 +498,7 @@ def test_a_bug_while_a_waiting_thread_reads_fails_every_pending_future_and_says_
     """The same bug met by a thread that reads its own result in result(): that thread gets
     BrokenProcessPool like every other pending future, and the traceback is printed."""
     with NSPoolExecutor(1) as pool:
-        assert pool.submit(tasks.square, 3).result() == 9
-        engine = pool._engine
-        gate = pool.submit(time.sleep, 0.5)
-        queued = [pool.submit(tasks.square, i) for i in range(5)]
-
-        def broken(*args: object, **kwargs: object) -> None:
-            raise RuntimeError("injected bug")
-
-        engine._on_frame = broken  # type: ignore[method-assign]
-        for f in [gate, *queued]:
+        for f in _pending_then_a_bug(pool):
             exc = f.exception(timeout=30)
             assert isinstance(exc, BrokenProcessPool), exc
             assert "failed in a thread waiting for a result" in str(exc)
