@@ -215,9 +215,10 @@ class _Engine(PoolDriver):
         conn = self.conns.get(task.wid)
         if conn is None or conn.reader is not None or conn.result_fd < 0:
             return None
-        if threading.current_thread() is self.thread:
+        me = threading.current_thread()
+        if me is self.thread:
             return None
-        conn.reader = threading.current_thread()
+        conn.reader = me
         self._release_fd(conn.result_fd)
         if conn.poller is None:
             conn.poller = select.poll()

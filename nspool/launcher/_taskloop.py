@@ -70,7 +70,17 @@ def mount_private_proc() -> None:
 
 
 def _write_all(fd: int, bufs: list[bytes | bytearray | memoryview]) -> None:
+    # Usually one writev takes it all (a result is small, the pipe empty): check and go.
+    n = os.writev(fd, bufs)
+    if n == sum(memoryview(b).nbytes for b in bufs):
+        return
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    while n:  # skip what the first writev took
+        if n >= len(views[0]):
+            n -= len(views.pop(0))
+        else:
+            views[0] = views[0][n:]
+            n = 0
     while views:
         n = os.writev(fd, views[:512])
         while n:
