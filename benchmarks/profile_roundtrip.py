@@ -320,14 +320,31 @@ class ProgramProbe:
 
         def on_readable(self: Any, conn: Any, done: Any, reads: Any = 64) -> None:
             rec = probe_.io = probe_.cur
-            rec[P["select_ret"]] = probe_.last_select
+            if threading.get_ident() != probe_.main:  # the I/O thread read it
+                rec[P["select_ret"]] = probe_.last_select
             rec[P["on_readable0"]] = now()
             real_on_readable(self, conn, done, reads)
             rec[P["on_readable1"]] = now()
 
         p.add(_driver.PoolDriver, "on_readable", on_readable)
+        real_read_led = executor._Engine.read_led
+
+        def read_led(self: Any, conn: Any, done: Any) -> None:
+            # The waiting thread reads its own result (leader/follower): its poll returned
+            # and it holds the lock now.
+            probe_.cur[P["select_ret"]] = now()
+            real_read_led(self, conn, done)
+
+        p.add(executor._Engine, "read_led", read_led)
         p.add(_pool.PoolCore, "on_result", io("on_result0", "on_result1", _pool.PoolCore.on_result))
-        p.add(executor, "_complete", io("complete0", "complete1", executor._complete))
+        stamped_complete = io("complete0", "complete1", executor._complete)
+
+        def complete(done: Any) -> None:
+            # A reading thread also calls it with nothing done (before it waits): no stamps.
+            (stamped_complete if done else executor_complete)(done)
+
+        executor_complete = executor._complete
+        p.add(executor, "_complete", complete)
         p.add(_serialize, "load_result", io("load0", "load1", _serialize.load_result))
         p.add(executor.NSFuture, "set_result", io("set0", "set1", Future.set_result))
 
@@ -593,28 +610,28 @@ def main(argv: list[str] | None = None) -> int:
         ("worker", "writev syscall (result frame)", "w:writev0", "w:writev1"),
         (
             "program",
-            "wake-up: result writev returned -> I/O thread select returns",
+            "wake-up: result writev returned -> the reader wakes and holds the lock",
             "w:writev1",
             "select_ret",
         ),
         (
             "program",
-            "I/O thread: take engine lock, dispatch to on_readable",
+            "reader: dispatch to on_readable",
             "select_ret",
             "on_readable0",
         ),
         ("program", "readv + decode + _on_frame up to on_result", "on_readable0", "on_result0"),
         ("program", "PoolCore.on_result", "on_result0", "on_result1"),
-        ("program", "2nd readv (EAGAIN) and on_readable exit", "on_result1", "on_readable1"),
+        ("program", "on_readable exit (a short read ends the round)", "on_result1", "on_readable1"),
         (
             "program",
-            "rest of the I/O round under the lock (flush loop, step, schedule)",
+            "rest of the reader's round under the lock (step, give the pipe back)",
             "on_readable1",
             "complete0",
         ),
         ("program", "_complete -> unpickle the result", "complete0", "load1"),
-        ("program", "Future.set_result (notify_all)", "load1", "set1"),
-        ("program", "caller wakes in Future.result()", "set1", "woke"),
+        ("program", "Future.set_result", "load1", "set1"),
+        ("program", "result() returns to the caller", "set1", "woke"),
     ]
     table = [(side, label, _med_us(seg(a, b))) for side, label, a, b in rows]
     seg_sum = sum(v for *_, v in table)
