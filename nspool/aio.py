@@ -40,8 +40,10 @@ class _Waiter:
 
     __slots__ = ("event", "kind", "usage", "value")
 
-    def __init__(self) -> None:
-        self.event = anyio.Event()
+    def __init__(self, event_class: Callable[[], Any]) -> None:
+        # The event loop's own Event (asyncio.Event, trio.Event): anyio.Event picks the
+        # backend and wraps it on every call, which costs about a microsecond per call.
+        self.event = event_class()
         self.kind: Kind | None = None
         self.value: Any = None
         self.usage: TaskUsage | None = None
@@ -80,8 +82,15 @@ class _AsyncEngine(PoolDriver):
         # On asyncio, a reader callback registered once per pipe is much cheaper than a task
         # that registers and unregisters the fd around every wait (anyio.wait_readable).
         self.loop: asyncio.AbstractEventLoop | None = None
-        if sniffio.current_async_library() == "asyncio":
+        self.event_class: Callable[[], Any] = anyio.Event
+        backend = sniffio.current_async_library()
+        if backend == "asyncio":
             self.loop = asyncio.get_running_loop()
+            self.event_class = asyncio.Event
+        elif backend == "trio":
+            import trio
+
+            self.event_class = trio.Event
 
     # -- hooks ------------------------------------------------------------------------------------
     def _watch_result(self, conn: Conn) -> None:
@@ -231,7 +240,7 @@ class AsyncPool:
         engine = self._engine
         engine.check_open()
         payload = _serialize.dump_task(fn, args, {})
-        waiter = _Waiter()
+        waiter = _Waiter(engine.event_class)
         task = Task(next(engine.task_ids), payload, waiter)
         engine.core.submit(task)
         engine.kick()
