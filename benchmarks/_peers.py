@@ -113,6 +113,15 @@ def _need(*modules: str) -> str | None:
     return f"not installed: {', '.join(gone)}" if gone else None
 
 
+def _no_pool(workers: int) -> SyncPool:
+    raise NotImplementedError("this row builds its own pools (its bench's measuring function)")
+
+
+def own_rows(names: Iterable[str]) -> list[SyncPeer]:
+    """Rows for a bench whose measuring function builds its own pools, by row name."""
+    return [SyncPeer(name, _no_pool, True) for name in names]
+
+
 def sync_peers() -> list[SyncPeer]:
     return [
         SyncPeer("nspool", _nspool, True),

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._peers import RESULT_TIMEOUT, WORKERS, SyncPeer, SyncPool
+from ._peers import RESULT_TIMEOUT, WORKERS, SyncPeer, own_rows
 from ._stats import now_ns
 from ._suite import Bench, Config, Figures, Metric
 from ._tasks import noop
@@ -91,10 +91,6 @@ def first_pool(peer: SyncPeer, cfg: Config, rep: int) -> Figures:
     return {FIRST: float(done.stdout.split()[-1])}
 
 
-def _no_pool(workers: int) -> SyncPool:
-    raise NotImplementedError("these rows build their own pools")
-
-
 def _skip(peer: object) -> str | None:
     if getattr(peer, "name", "") == PPE_FORKSERVER and sys.version_info < (3, 11):
         return "ProcessPoolExecutor has max_tasks_per_child from Python 3.11"
@@ -102,7 +98,7 @@ def _skip(peer: object) -> str | None:
 
 
 def _rows() -> list[SyncPeer]:
-    return [SyncPeer(NSPOOL, _no_pool, True), SyncPeer(PPE_FORKSERVER, _no_pool, True)]
+    return own_rows([NSPOOL, PPE_FORKSERVER])
 
 
 CHURN_BENCH = Bench(

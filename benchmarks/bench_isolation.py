@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ._peers import SyncPeer, SyncPool
+from ._peers import SyncPeer, own_rows
 from ._stats import median
 from ._suite import Bench, Config, Figures, Metric
 
@@ -54,10 +54,6 @@ def sync(peer: SyncPeer, cfg: Config, rep: int) -> Figures:
     return {KEY: median(probe(MODES[peer.name], _spawns(cfg))) / 1e6}
 
 
-def _no_pool(workers: int) -> SyncPool:
-    raise NotImplementedError("these rows are spawn mechanisms, not pools")
-
-
 def _skip(peer: object) -> str | None:
     needs_root = not getattr(peer, "name", "").startswith(("plain", "in user"))
     if needs_root and os.geteuid() != 0:
@@ -87,7 +83,7 @@ BENCH = Bench(
     metrics=lambda cfg, kind: [Metric(KEY, "ms")],
     repeats=(9, 1),
     sync=sync,
-    peers=lambda: [SyncPeer(name, _no_pool, True) for name in MODES],
+    peers=lambda: own_rows(MODES),
     skip=_skip,
     baseline=BASELINE,
     ratio="× plain fork",

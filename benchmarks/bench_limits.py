@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ._peers import RESULT_TIMEOUT, SyncPeer, SyncPool
+from ._peers import RESULT_TIMEOUT, SyncPeer, own_rows
 from ._stats import median, no_gc, now_ns
 from ._suite import Bench, Config, Figures, Metric
 from ._tasks import noop
@@ -52,10 +52,6 @@ def sync(peer: SyncPeer, cfg: Config, rep: int) -> Figures:
     return {COLD: cold, RESPAWN: median(respawns) / 1e6, ROUND: median(samples) / 1e3}
 
 
-def _no_pool(workers: int) -> SyncPool:
-    raise NotImplementedError("these rows build their own pools")
-
-
 def _skip(peer: object) -> str | None:
     options = ROWS.get(getattr(peer, "name", ""), {})
     if not options:
@@ -90,7 +86,7 @@ BENCH = Bench(
     metrics=lambda cfg, kind: [Metric(COLD, "ms"), Metric(RESPAWN, "ms"), Metric(ROUND, "µs")],
     repeats=(9, 1),
     sync=sync,
-    peers=lambda: [SyncPeer(name, _no_pool, True) for name in ROWS],
+    peers=lambda: own_rows(ROWS),
     skip=_skip,
     baseline=BASELINE,
     ratio="× no limits",

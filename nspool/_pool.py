@@ -427,20 +427,25 @@ class PoolCore:
         else:
             return False
         task = self._claim_next()
-        if task is None:
-            return True  # it was cancelled meanwhile: nothing to send, nothing to start
-        w.head_since = now
+        if task is not None:  # (None: it was cancelled meanwhile; nothing to send or start)
+            self._assign(task, w, now, actions)
+            actions.send = [(w, [task])]
+        return True
+
+    def _assign(self, task: Task, w: WorkerSlot, now: float, actions: Actions) -> None:
+        """Give a claimed task to worker ``w`` (its next seq); close ``w`` if that spent its
+        budget."""
+        if not w.inflight:
+            w.head_since = now
         self._move(task, Ev.SEND)
         w.last_seq += 1
         task.wid, task.seq = w.wid, w.last_seq
         w.inflight.append(task)
-        actions.send = [(w, [task])]
         if w.budget is not None:
             w.budget -= 1
             if w.budget == 0:
                 w.state = WState.CLOSING
                 actions.close.append(w)
-        return True
 
     def schedule(self, now: float, *, spawn: bool = True) -> Actions:
         """Hand queued tasks to workers with room, and ask for workers that are missing."""
@@ -477,18 +482,8 @@ class PoolCore:
                         task = self._claim_next()
                         if task is None:
                             break
-                        if not w.inflight:
-                            w.head_since = now
-                        self._move(task, Ev.SEND)
-                        w.last_seq += 1
-                        task.wid, task.seq = w.wid, w.last_seq
-                        w.inflight.append(task)
+                        self._assign(task, w, now, actions)
                         batches.setdefault(w.wid, []).append(task)
-                        if w.budget is not None:
-                            w.budget -= 1
-                            if w.budget == 0:
-                                w.state = WState.CLOSING
-                                actions.close.append(w)
                     level += 1
                 actions.send = [(self.workers[wid], ts) for wid, ts in batches.items()]
         if spawn and queue and not self.startup_failing:

@@ -110,6 +110,20 @@ def pool_cgroups() -> set[str]:
     return found
 
 
+def cgroups_live_reason() -> str | None:
+    """Why the live cgroup tests can't run here (None: they can): they need root and every
+    controller the pool uses."""
+    from nspool import _cgroups
+
+    if os.geteuid() != 0:
+        return "the live cgroup tests need root (unprivileged: see the clear-error tests)"
+    try:
+        problems = {c: why for c, why in _cgroups.check(_cgroups.CONTROLLERS).items() if why}
+    except OSError as e:
+        return f"cannot read the cgroup layout: {e}"
+    return f"no usable controller here: {problems}" if problems else None
+
+
 def open_fds() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
 

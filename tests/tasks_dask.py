@@ -6,15 +6,15 @@ import os
 import subprocess
 import time
 
+import tasks
+
 
 def pid_ns() -> str:
     """This process's PID namespace, as /proc shows it."""
     return os.readlink("/proc/self/ns/pid")
 
 
-def host_pid() -> int:
-    """This process's PID as the host sees it (``os.getpid()`` is the namespace's view)."""
-    return int(os.readlink("/proc/self"))
+host_pid = tasks.host_pid
 
 
 def square(x: int) -> int:
@@ -27,25 +27,9 @@ def where(_: object = None) -> tuple[str, int]:
 
 
 def leave_daemon(_: object = None) -> int:
-    """Start a setsid'd, double-forked ``sleep`` that outlives this task unless something kills
-    it; return its host PID."""
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        os.setsid()
-        if os.fork() == 0:
-            os.close(r)
-            os.write(w, str(int(os.readlink("/proc/self"))).encode())
-            os.close(w)
-            os.execvp("sleep", ["sleep", "3600"])
-        os._exit(0)
-    os.close(w)
-    os.waitpid(child, 0)
-    data = b""
-    while chunk := os.read(r, 64):
-        data += chunk
-    os.close(r)
-    return int(data)
+    """Start a setsid'd, double-forked daemon that outlives this task unless something kills
+    it; return its host PID (``tasks.spawn_daemon``, with the argument Dask's map passes)."""
+    return tasks.spawn_daemon()
 
 
 def tree_then_block(path: str, seconds: float = 60.0) -> None:

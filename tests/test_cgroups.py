@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _procs import cgroups_live_reason
 
 from nspool import _cgroups as cg
 from nspool._cgroups import (
@@ -458,20 +459,7 @@ def _dead_pid() -> int:
 # Live, on this machine's cgroups
 
 
-def _live_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "live cgroup tests need root (unprivileged: see the clear-error test)"
-    try:
-        layout = detect_layout()
-    except OSError as e:
-        return f"cannot read the cgroup layout: {e}"
-    problems = {c: why for c, why in cg.check(cg.CONTROLLERS, layout).items() if why}
-    if problems:
-        return f"no writable controller here: {problems}"
-    return None
-
-
-LIVE_REASON = _live_reason()
+LIVE_REASON = cgroups_live_reason()
 live = pytest.mark.skipif(LIVE_REASON is not None, reason=LIVE_REASON or "")
 
 

@@ -19,7 +19,7 @@ from concurrent.futures import wait
 import anyio
 import pytest
 import tasks_limits
-from _procs import alive, pool_cgroups, wait_for
+from _procs import alive, cgroups_live_reason, pool_cgroups, wait_for
 
 from nspool import (
     CgroupUnavailableError,
@@ -36,17 +36,7 @@ MiB = 1 << 20
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _live_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "the live limit tests need root here (unprivileged: see the clear-error test)"
-    try:
-        problems = {c: why for c, why in cg.check(cg.CONTROLLERS).items() if why}
-    except OSError as e:
-        return f"cannot read the cgroup layout: {e}"
-    return f"no usable controller here: {problems}" if problems else None
-
-
-LIVE_REASON = _live_reason()
+LIVE_REASON = cgroups_live_reason()
 live = pytest.mark.skipif(LIVE_REASON is not None, reason=LIVE_REASON or "")
 
 
@@ -168,6 +158,57 @@ def test_a_task_that_returns_after_its_child_was_killed_for_memory_still_fails()
         outcomes = [type(f.exception(timeout=0)).__name__ for f in fs]
     assert outcomes == ["MemoryLimitError"] * len(fs), outcomes
     assert sorted(settled) == list(range(len(fs)))  # each exactly once
+
+
+@live
+def test_kill_and_the_memory_limit_collide() -> None:
+    """kill() aimed at 0-60 ms into 30 tasks whose child runs out of memory in about that
+    time (both outcomes occur: about a third end with MemoryLimitError), beside tasks nobody
+    stops: a stopped task ends with CancelledError or MemoryLimitError, a task that only ran
+    out of memory with MemoryLimitError, the others with their result; every future exactly
+    once."""
+    import random
+    import time
+    from concurrent.futures import CancelledError, ThreadPoolExecutor
+
+    rng = random.Random(7)
+    settled: list[int] = []
+    plan: list[tuple[str, object]] = []
+    with NSPoolExecutor(2, memory_limit="48M") as ex, ThreadPoolExecutor(1) as killers:
+        for i in range(60):  # a plain task and a hog at a time: the kill lands while it runs
+            batch = [("plain", ex.submit(tasks_limits.allocate, 4))]
+            kind = "killed" if i % 2 else "hog"
+            batch.append((kind, ex.submit(tasks_limits.hog_in_child, rng.randrange(2000))))
+            if kind == "killed":
+                delay = rng.uniform(0, 0.06)  # around the moment the child reaches 48M
+                hog = batch[-1][1]
+                killers.submit(lambda f=hog, d=delay: (time.sleep(d), f.kill(10)))
+            for k, f in batch:
+                n = len(plan)
+                f.add_done_callback(lambda _, n=n: settled.append(n))
+                plan.append((k, f))
+            wait([f for _, f in batch], timeout=60)
+    allowed = {
+        "plain": (),
+        "hog": (MemoryLimitError,),
+        "killed": (MemoryLimitError, CancelledError),
+    }
+    for kind, f in plan:
+        if f.cancelled():  # type: ignore[attr-defined]
+            assert kind == "killed"  # still queued when kill() came
+            continue
+        exc = f.exception(timeout=0)  # type: ignore[attr-defined]
+        if kind == "plain":
+            assert exc is None and f.result(0) == 4 * MiB, exc  # type: ignore[attr-defined]
+        else:
+            assert isinstance(exc, allowed[kind]), (kind, exc)
+    assert sorted(settled) == list(range(len(plan)))
+    outcomes = [
+        "cancelled" if f.cancelled() else type(f.exception(0)).__name__  # type: ignore[attr-defined]
+        for kind, f in plan
+        if kind == "killed"
+    ]
+    print("kill() outcomes:", {o: outcomes.count(o) for o in set(outcomes)})
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from .._protocol import (
 from . import _syscalls
 
 if TYPE_CHECKING:
-    from .._cgroups import PoolCgroups, UsageMeter, WorkerCgroup
+    from .._cgroups import PoolCgroups, Usage, UsageMeter, WorkerCgroup
 
 
 class WorkerOptions(NamedTuple):
@@ -176,8 +176,11 @@ class TaskLoop:
         self.kill_leftovers = opts.kill_leftovers
         self.pid = os.getpid()
 
-    def send(self, kind: Kind, ident: int, payload: bytes | bytearray = b"") -> None:
-        _write_all(self.result_fd, [encode_header(kind, ident, len(payload)), payload])
+    def send(
+        self, kind: Kind, ident: int, payload: bytes | bytearray = b"", before: bytes = b""
+    ) -> None:
+        """Write one frame (``before``: whole frames that go ahead of it in the same write)."""
+        _write_all(self.result_fd, [before, encode_header(kind, ident, len(payload)), payload])
 
     def run_task(self, seq: int, timeout: float | None, data: Any) -> tuple[Kind, bytes]:
         if timeout is not None:
@@ -213,40 +216,30 @@ class TaskLoop:
         except BaseException as exc:  # noqa: BLE001 - SystemExit...: the task's outcome, as the
             return Kind.ERR, _serialize.dump_error(exc)  # stdlib pool reports it
 
-    def run_metered(self, seq: int, timeout: float | None, data: Any) -> None:
-        """Run a task as ``serve`` does, measuring what its tree used in the worker's cgroup;
-        the USAGE frame goes right before the result, in the same write."""
-        meter = self.meter
-        assert meter is not None
-        meter.reset_peak()
-        before = meter.read()
-        start = time.monotonic()
-        kind, payload = self.run_task(seq, timeout, data)
-        self.state.set_started(seq, False)
-        wall = time.monotonic() - start
-        _flush_stdio()
-        _wipe_leftovers(self.kill_leftovers)
-        after = meter.read()
+    def begin_usage(self) -> tuple[float, Usage] | None:
+        """With a meter: restart the peak and read the cgroup before a task (None without)."""
+        if self.meter is None:
+            return None
+        self.meter.reset_peak()
+        return time.monotonic(), self.meter.read()
+
+    def usage_frame(self, seq: int, begun: tuple[float, Usage], ended: float) -> bytes:
+        """The USAGE frame of task ``seq``, read once its leftovers are gone; the task fails
+        instead when a process of its tree was killed for memory meanwhile."""
+        assert self.meter is not None
+        start, before = begun
+        after = self.meter.read()
         if (after.oom_kills or 0) > (before.oom_kills or 0):
-            # A process of the task's tree was killed for memory, and the task came back
-            # before the pool killed the worker for it: the task failed all the same. Dying
-            # here (the init records it) lets the program report MemoryLimitError.
+            # The task came back before the pool killed the worker for it: it failed all the
+            # same. Dying here (the init records it) lets the program report MemoryLimitError.
             os.kill(os.getpid(), signal.SIGKILL)
         user = system = None
         if after.cpu_user is not None and before.cpu_user is not None:
             user = max(0.0, after.cpu_user - before.cpu_user)
         if after.cpu_system is not None and before.cpu_system is not None:
             system = max(0.0, after.cpu_system - before.cpu_system)
-        usage = encode_usage(wall, user, system, after.memory_peak)
-        _write_all(
-            self.result_fd,
-            [
-                encode_header(Kind.USAGE, seq, len(usage)),
-                usage,
-                encode_header(kind, seq, len(payload)),
-                payload,
-            ],
-        )
+        usage = encode_usage(ended - start, user, system, after.memory_peak)
+        return encode_header(Kind.USAGE, seq, len(usage)) + usage
 
     def serve(self) -> int:
         decoder = _FrameDecoder()
@@ -271,18 +264,17 @@ class TaskLoop:
                     self.send(Kind.SKIPPED, seq)
                     continue
                 timeout, data = split_task(frame)
-                if self.meter is not None:
-                    self.run_metered(seq, timeout, data)
-                    del frame, data
-                    continue
+                begun = self.begin_usage()
                 kind, payload = self.run_task(seq, timeout, data)
                 state.set_started(seq, False)
+                ended = time.monotonic() if begun is not None else 0.0
                 del frame, data
                 _flush_stdio()
                 _wipe_leftovers(self.kill_leftovers)
                 # Each result leaves at once, never held back for a batch: results answer the
-                # tasks in the order they were written.
-                self.send(kind, seq, payload)
+                # tasks in the order they were written. A USAGE frame goes first, same write.
+                head = b"" if begun is None else self.usage_frame(seq, begun, ended)
+                self.send(kind, seq, payload, head)
             elif kind is Kind.INIT and not initialized:
                 initialized = True
                 try:
