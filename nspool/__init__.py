@@ -30,6 +30,7 @@ _LAZY = {
     "TaskTimeoutError": "errors",
     "TaskUnpicklingError": "errors",
     "WorkerDiedError": "errors",
+    "close_shared_launcher": "_launcher_share",
 }
 
 __all__ = [
@@ -47,12 +48,14 @@ __all__ = [
     "TaskUnpicklingError",
     "TaskUsage",
     "WorkerDiedError",
+    "close_shared_launcher",
     "current_default_pool_limiter",
     "open_pool",
     "run_sync",
 ]
 
 if TYPE_CHECKING:
+    from ._launcher_share import close_shared_launcher
     from ._usage import TaskUsage
     from .aio import AsyncPool, current_default_pool_limiter, open_pool, run_sync
     from .errors import (

@@ -491,9 +491,14 @@ def _machine() -> dict[str, Any]:
 
 
 def _cleanup(trees: dict[int, int]) -> int:
-    """Stop multiprocessing's per-program helpers, then find (and kill) whatever this run
-    left running: its descendants and the processes of its trees. How many there were."""
+    """Stop the per-program helpers (nspool's shared launcher, multiprocessing's), then find
+    (and kill) whatever this run left running: its descendants and the processes of its
+    trees. How many there were."""
     from multiprocessing import forkserver, resource_tracker
+
+    from ._launcher_share import close_shared_launcher
+
+    close_shared_launcher()
 
     # Private, but the only way to end them (CPython's own tests do so); absent: nothing to do.
     helpers = (

@@ -16,7 +16,7 @@ from concurrent.futures import CancelledError
 from threading import current_thread as _current_thread
 from typing import Any
 
-from ._launch import Launcher
+from ._launch import PoolLink
 from ._pool import Actions, Fate, PoolCore, StopAction, Task, WorkerEnd, WorkerSlot
 from ._protocol import (
     EXIT_MEMORY_LIMIT,
@@ -101,7 +101,7 @@ class Conn:
 class PoolDriver:
     """Connects a :class:`PoolCore` to the launcher and the worker pipes."""
 
-    def __init__(self, core: PoolCore, launcher: Launcher, init_payload: bytes | None) -> None:
+    def __init__(self, core: PoolCore, launcher: PoolLink, init_payload: bytes | None) -> None:
         self.core = core
         self.launcher = launcher
         self.init_payload = init_payload

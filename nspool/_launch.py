@@ -125,8 +125,58 @@ def _raise_fd_limit() -> bool:
     return True
 
 
-class Launcher:
-    """A running launcher process and its control socket."""
+def _pool_options(config: LaunchConfig) -> dict[str, object]:
+    """What a pool's workers take from the program now (NEW_POOL's text)."""
+    try:
+        cwd: str | None = os.getcwd()
+    except OSError:
+        cwd = None
+    return {
+        "kill_leftovers": config.kill_leftovers,
+        "private_proc": config.private_proc,
+        "sys_path": config.sys_path,
+        # A launcher started for an earlier pool has the program's environment and working
+        # directory of then; each pool's workers get those of the pool's creation.
+        "env": dict(os.environ),
+        "cwd": cwd,
+        # Workers share the program's multiprocessing key, as the stdlib pool's do, so
+        # that Manager proxies and Connection objects passed to a task authenticate.
+        # (Over a socket, never the command line or the environment.)
+        "authkey": bytes(multiprocessing.process.current_process().authkey).hex(),
+    }
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _await_answer(sock: socket.socket, deadline: float, what: str) -> Control | None:
+    """The next control message on a blocking ``sock`` (None: EOF), waiting until
+    ``deadline``."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{what} did not answer within the start timeout")
+        if not select.select([sock], [], [], left)[0]:
+            continue
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            data = b""
+        return decode_control(data) if data else None
+
+
+class LauncherGone(LauncherDiedError):
+    """The launcher was gone when a pool asked it for service (a shared one may have been
+    killed since it started: the caller starts another)."""
+
+
+class LauncherProcess:
+    """A running launcher process (the outer launcher, its fork server) and its socket."""
 
     def __init__(self, config: LaunchConfig, start_timeout: float = 60.0) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -144,33 +194,23 @@ class Launcher:
             theirs.close()
         self.sock = mine
         self.closed = False
-        #: control messages (and the fds they carry, closed once sent) the socket had no room
-        #: for yet: a unix socket queues only a few messages with fds (net.unix.max_dgram_qlen)
-        self.outbox: deque[tuple[bytes, list[int]]] = deque()
         assert self.proc.stdin is not None
+        # What the launcher needs before it says hello; each pool's own options come with
+        # its NEW_POOL.
         payload = {
             "preload": list(config.preload),
-            "kill_leftovers": config.kill_leftovers,
-            "private_proc": config.private_proc,
             "sys_path": config.sys_path,
-            # Workers share the program's multiprocessing key, as the stdlib pool's do, so
-            # that Manager proxies and Connection objects passed to a task authenticate.
-            # (Over this pipe, never the command line or the environment.)
-            "authkey": bytes(multiprocessing.process.current_process().authkey).hex(),
             "cgroups": config.cgroups,
         }
-        #: the pool's memory limit in bytes (None: none), for the errors it explains
-        self.memory_limit = (config.cgroups or {}).get("memory")
         try:
             self.proc.stdin.write(json.dumps(payload).encode())
             self.proc.stdin.close()
-            hello = self._wait_hello(start_timeout)
+            hello = self._wait_hello(time.monotonic() + start_timeout)
         except BaseException:
             self.close(kill=True)
             raise
-        #: PID of the fork server (PID 1 of the pool namespace), as this program sees it
+        #: PID of the fork server (PID 1 of the launcher's namespace), as this program sees it
         self.forkserver_pid = hello.value
-        self.sock.setblocking(False)
 
     @property
     def pid(self) -> int:
@@ -180,33 +220,129 @@ class Launcher:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def _wait_hello(self, timeout: float) -> Control:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"the nspool launcher did not start within {timeout:g} s")
-            if not select.select([self.sock], [], [], left)[0]:
-                continue
-            data = self.sock.recv(65536)
-            if not data:
-                code = self.proc.wait()
-                raise LauncherDiedError(
-                    f"the nspool launcher exited during start-up (code {code}); "
-                    "its error output is above"
-                )
-            msg = decode_control(data)
-            if msg.kind is Ctl.HELLO:
-                return msg
-            if msg.kind is Ctl.LIMITS_ERROR:
-                self.proc.wait()
-                raise CgroupUnavailableError(msg.value or errno.EPERM, msg.text)
+    def _wait_hello(self, deadline: float) -> Control:
+        msg = _await_answer(self.sock, deadline, "the nspool launcher")
+        if msg is None:
+            code = self.proc.wait()
+            raise LauncherDiedError(
+                f"the nspool launcher exited during start-up (code {code}); "
+                "its error output is above"
+            )
+        if msg.kind is Ctl.HELLO:
+            return msg
+        if msg.kind is Ctl.LIMITS_ERROR:
+            self.proc.wait()
+            raise CgroupUnavailableError(msg.value or errno.EPERM, msg.text)
+        if msg.kind is Ctl.ERROR:
+            self.proc.wait()
+            if msg.value:
+                raise NamespaceError(msg.value, msg.text)
+            raise LauncherDiedError(msg.text)
+        raise ProtocolError(f"unexpected {msg.kind.name} before HELLO")
+
+    def open_pool(self, config: LaunchConfig, start_timeout: float, owned: bool) -> PoolLink:
+        """Ask the launcher to serve one more pool; its link. ``LauncherGone`` if the launcher
+        is gone; ``owned``: the link closes this launcher with the pool."""
+        if self.closed:
+            raise LauncherGone("the nspool launcher was closed")
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # The pool's workers write where the program's stdout and stderr go now (a
+            # launcher started earlier has those of then).
+            stdio = [fd for fd in (1, 2) if _is_open(fd)]
+            options = {**_pool_options(config), "stdio": stdio}
+            packet = encode_control(Control(Ctl.NEW_POOL, 0, 0, json.dumps(options)))
+            try:
+                # One packet: safe from several threads opening pools at once.
+                socket.send_fds(self.sock, [packet], [theirs.fileno(), *stdio])
+            except OSError as exc:
+                if exc.errno == errno.EMSGSIZE:
+                    raise ValueError(
+                        f"the pool's options ({len(packet)} bytes with the environment) do not "
+                        "fit in one message to the launcher"
+                    ) from None
+                raise LauncherGone(f"the nspool launcher is gone ({exc})") from None
+            finally:
+                theirs.close()
+            msg = _await_answer(mine, time.monotonic() + start_timeout, "the nspool launcher")
+            if msg is None:
+                raise LauncherGone("the nspool launcher is gone")
             if msg.kind is Ctl.ERROR:
-                self.proc.wait()
                 if msg.value:
                     raise NamespaceError(msg.value, msg.text)
                 raise LauncherDiedError(msg.text)
-            raise ProtocolError(f"unexpected {msg.kind.name} before HELLO")
+            if msg.kind is not Ctl.HELLO:
+                raise ProtocolError(f"unexpected {msg.kind.name} before the pool's HELLO")
+        except BaseException:
+            mine.close()
+            raise
+        return PoolLink(self, mine, config, owned)
+
+    def exit_description(self, timeout: float | None = None) -> str:
+        """How the launcher ended (call once it is gone)."""
+        try:
+            status = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return "is still running, but closed this pool's connection"
+        if status < 0:
+            return describe_wait_status(-status & 0x7F)[2]
+        return f"exited with code {status}"
+
+    def forget(self) -> None:
+        """Drop this process's copy of the launcher's socket (in a forked child)."""
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+
+    def close(self, kill: bool = False, wait: bool = True) -> None:
+        """Stop the launcher and (with ``wait``) wait until it and everything under it is gone.
+
+        Closing the launcher's socket makes the fork server exit; it is PID 1 of the
+        launcher's namespace, so the kernel kills every worker of every pool it serves, and
+        the outer launcher exits after it.
+        """
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+            if kill:
+                try:
+                    self.proc.kill()
+                except ProcessLookupError:
+                    pass
+        if wait:
+            self.proc.wait()
+
+
+class PoolLink:
+    """One pool's connection to its launcher: worker spawns, kills and exits."""
+
+    def __init__(
+        self, process: LauncherProcess, sock: socket.socket, config: LaunchConfig, owned: bool
+    ) -> None:
+        self.process = process
+        self.sock = sock
+        sock.setblocking(False)
+        #: the pool's own launcher (closed with the pool), not the program's shared one
+        self.owned = owned
+        self.closed = False  #: the program shut its end (or forgot it)
+        self._done = False  #: the launcher's end is closed too: every worker of it is gone
+        #: control messages (and the fds they carry, closed once sent) the socket had no room
+        #: for yet: a unix socket queues only a few messages with fds (net.unix.max_dgram_qlen)
+        self.outbox: deque[tuple[bytes, list[int]]] = deque()
+        #: the pool's memory limit in bytes (None: none), for the errors it explains
+        self.memory_limit = (config.cgroups or {}).get("memory")
+
+    @property
+    def pid(self) -> int:
+        """PID of the outer launcher process."""
+        return self.process.pid
+
+    @property
+    def forkserver_pid(self) -> int:
+        return self.process.forkserver_pid
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
     def spawn(self, wid: int) -> WorkerEnds:
         """Ask for worker ``wid``; returns the program's ends of its pipes and its state block.
@@ -301,33 +437,62 @@ class Launcher:
             out.append(decode_control(data))
 
     def exit_description(self) -> str:
-        """How the launcher ended (call once it is gone)."""
-        status = self.proc.wait()
-        if status < 0:
-            return describe_wait_status(-status & 0x7F)[2]
-        return f"exited with code {status}"
+        """How the launcher ended (call once this link saw EOF it did not ask for)."""
+        return self.process.exit_description(timeout=5.0)
 
     def forget(self) -> None:
-        """Drop this process's copy of the control socket (in a forked child)."""
+        """Drop this process's copy of the pool's socket (in a forked child)."""
         if not self.closed:
-            self.closed = True
+            self.closed = self._done = True
             self.sock.close()
             self._drop_outbox()
+            if self.owned:
+                self.process.forget()
 
     def close(self, kill: bool = False, wait: bool = True) -> None:
-        """Stop the launcher and (with ``wait``) wait until it and everything under it is gone.
+        """Close the pool: the launcher kills what is left of its workers. With ``wait``,
+        return once every process of the pool is gone (else see :meth:`wait_closed`).
 
-        Closing the control socket makes the fork server exit; it is PID 1 of the pool
-        namespace, so the kernel kills every worker, and the outer launcher exits after it.
+        ``kill``: the pool's own launcher is killed rather than asked to exit.
         """
         if not self.closed:
             self.closed = True
-            self.sock.close()
             self._drop_outbox()
-            if kill:
-                try:
-                    self.proc.kill()
-                except ProcessLookupError:
-                    pass
+            if self.owned:
+                self.sock.close()
+                self._done = True
+                self.process.close(kill=kill, wait=wait)
+                return
+            try:
+                self.sock.shutdown(socket.SHUT_WR)  # the launcher's EOF: kill them all
+            except OSError:
+                pass  # the launcher is gone, and the pool's processes with it
         if wait:
-            self.proc.wait()
+            self.wait_closed()
+
+    def wait_closed(self) -> None:
+        """After :meth:`close`: wait until every process of the pool is gone."""
+        if self.owned:
+            self.process.close(wait=True)
+            return
+        if self._done:
+            return
+        self.sock.setblocking(True)
+        while True:  # the launcher closes its end once it reaped the pool's last worker
+            try:
+                if not self.sock.recv(65536):
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        self._done = True
+        self.sock.close()
+
+
+def connect(config: LaunchConfig, start_timeout: float = 60.0) -> PoolLink:
+    """A new pool's link: to the program's shared launcher, or to a launcher of the pool's
+    own when it needs one (modules to preload, cgroups; see ``_launcher_share``)."""
+    from . import _launcher_share
+
+    return _launcher_share.connect(config, start_timeout)

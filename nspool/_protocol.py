@@ -260,8 +260,12 @@ CONTROL = struct.Struct("<BIq")
 class Ctl(enum.IntEnum):
     """Control message kinds."""
 
-    HELLO = 1  #: launcher -> program: value = PID of the fork server (as the program sees it)
-    ERROR = 2  #: launcher -> program: text = why the launcher cannot serve (then it exits)
+    #: launcher -> program: value = PID of the fork server (as the program sees it); on the
+    #: launcher's socket once it is up, and on a pool's socket once that pool is served
+    HELLO = 1
+    #: launcher -> program: text = why the launcher (or, on a pool's socket, that pool) cannot
+    #: be served; value = errno or 0
+    ERROR = 2
     #: program -> launcher: start worker `wid`; 4 fds attached (task in, result out, stop in,
     #: state block)
     SPAWN = 3
@@ -271,6 +275,11 @@ class Ctl(enum.IntEnum):
     #: launcher -> program, instead of HELLO: the resource limits asked for can't be enforced
     #: here; value = errno, text = why and how to get them
     LIMITS_ERROR = 7
+    #: program -> launcher, on the launcher's socket: serve one more pool; one fd attached (the
+    #: launcher's end of that pool's own socket, where SPAWN/KILL/EXITED go); text = the pool's
+    #: options as JSON. The launcher closes the pool's socket once the program shut its end
+    #: and every worker of that pool is reaped.
+    NEW_POOL = 8
 
 
 #: EXITED flag: the worker's cgroup ran out of memory (the OOM killer acted, or the pool

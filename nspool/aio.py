@@ -19,7 +19,7 @@ import sniffio
 
 from . import _serialize
 from ._driver import Completion, Conn, PoolDriver
-from ._launch import LaunchConfig, Launcher, cgroups_config
+from ._launch import LaunchConfig, PoolLink, cgroups_config, connect
 from ._pool import PoolCore, StopAction, Task, default_max_workers
 from ._protocol import Kind
 from ._usage import TaskUsage
@@ -72,7 +72,7 @@ class _AsyncEngine(PoolDriver):
     def __init__(
         self,
         core: PoolCore,
-        launcher: Launcher,
+        launcher: PoolLink,
         init_payload: bytes | None,
         tg: anyio.abc.TaskGroup,
     ) -> None:
@@ -193,10 +193,10 @@ class _AsyncEngine(PoolDriver):
         if not self.launcher.closed:
             anyio.notify_closing(self.launcher.fileno())
             self.launcher.close(wait=False)
-        # The fork server exits on EOF and the kernel kills its namespace; poll the outer
-        # launcher's exit without blocking the event loop (no thread needed).
-        while self.launcher.proc.poll() is None:
-            await anyio.sleep(0.002)
+        # The launcher kills what is left of the pool's workers; wait until they are gone
+        # (a few ms) without blocking the event loop.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.launcher.wait_closed)
 
 
 class AsyncPool:
@@ -207,7 +207,8 @@ class AsyncPool:
 
     @property
     def launcher_pid(self) -> int:
-        """PID of the launcher process (killing it kills every worker)."""
+        """PID of the launcher process that serves this pool (killing it kills every worker
+        of every pool it serves: the program's pools share one, see the README)."""
         return self._engine.launcher.pid
 
     def worker_pids(self) -> list[int]:
@@ -302,7 +303,7 @@ async def open_pool(
         cgroups=cgroups_config(memory_limit, pids_limit, cpu_limit, track_usage),
     )
     # The launcher handshake blocks for a few tens of ms: do it off the event loop.
-    launcher = await anyio.to_thread.run_sync(Launcher, config, start_timeout)
+    launcher = await anyio.to_thread.run_sync(connect, config, start_timeout)
     body_exc: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:
@@ -324,10 +325,8 @@ async def open_pool(
             raise body_exc
     finally:
         launcher.close(wait=False)
-        if launcher.proc.poll() is None:
-            with anyio.CancelScope(shield=True):
-                while launcher.proc.poll() is None:
-                    await anyio.sleep(0.002)
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(launcher.wait_closed)
 
 
 # -- the default pool ------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from . import _serialize
 from ._chunks import process_chunk
 from ._driver import Completion, Conn, PoolDriver
-from ._launch import LaunchConfig, Launcher, cgroups_config
+from ._launch import LaunchConfig, PoolLink, cgroups_config, connect
 from ._pool import PoolCore, StopAction, Task, TState
 from ._protocol import Kind
 from ._usage import TaskUsage
@@ -61,7 +61,7 @@ class _Engine(PoolDriver):
             claim=self._claim,
             max_batch=max_batch,
         )
-        super().__init__(core, Launcher(config, start_timeout), init_payload)
+        super().__init__(core, connect(config, start_timeout), init_payload)
         # Re-entrant: a garbage-collected executor asks for shutdown from wherever the
         # collection ran, possibly the I/O thread while it holds this lock.
         self.lock = threading.RLock()
@@ -534,7 +534,8 @@ class NSPoolExecutor(Executor):
     # -- introspection ------------------------------------------------------------------------
     @property
     def launcher_pid(self) -> int:
-        """PID of the launcher process (killing it kills every worker)."""
+        """PID of the launcher process that serves this pool (killing it kills every worker
+        of every pool it serves: the program's pools share one, see the README)."""
         return self._engine.launcher.pid
 
     def worker_pids(self) -> list[int]:

@@ -46,6 +46,21 @@ def descendants(root: int | None = None) -> dict[int, str]:
     return out
 
 
+def shared_launcher_pids() -> set[int]:
+    """The program's shared launcher (outer process, fork server), if one runs."""
+    from nspool import _launcher_share
+
+    process = _launcher_share.current()
+    return set() if process is None else {process.pid, process.forkserver_pid}
+
+
+def pool_processes() -> dict[int, str]:
+    """:func:`descendants` but the program's shared launcher, which outlives its pools by
+    design: what pools have running (workers, tasks' children, own launchers)."""
+    shared = shared_launcher_pids()
+    return {p: s for p, s in descendants().items() if p not in shared}
+
+
 def alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     st = _stat(pid)
@@ -125,7 +140,16 @@ def cgroups_live_reason() -> str | None:
 
 
 def open_fds() -> set[int]:
-    return {int(n) for n in os.listdir("/proc/self/fd")}
+    """This process's open fds (not the one the listing itself used, whose number moves
+    whenever an fd below it opens or closes)."""
+    out = set()
+    for n in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(n))
+        except OSError:
+            continue
+        out.add(int(n))
+    return out
 
 
 def outcome(f: Future[Any]) -> tuple[str, Any]:

@@ -40,16 +40,17 @@ def no_leaks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
 
     def clean() -> bool:
         return (
-            not (set(descendants()) - before_procs)
-            and not (open_fds() - before_fds)
+            not (set(descendants()) - before_procs - _shared_launcher_pids())
+            and not (open_fds() - before_fds - _shared_launcher_fds())
             and not [t for t in threading.enumerate() if t.name == "nspool-io"]
             and not _our_cgroups(before_cgroups)
         )
 
     if wait_for(clean, GRACE):
         return
-    procs = {p: s for p, s in descendants().items() if p not in before_procs}
-    fds = open_fds() - before_fds
+    shared = _shared_launcher_pids()
+    procs = {p: s for p, s in descendants().items() if p not in before_procs | shared}
+    fds = open_fds() - before_fds - _shared_launcher_fds()
     threads = [t.name for t in threading.enumerate() if t.name == "nspool-io"]
     details = []
     if procs:
@@ -69,6 +70,24 @@ def no_leaks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
         details.append(f"pool cgroups left behind: {sorted(cgroups)}")
         _remove_cgroups(cgroups)  # one failure must not poison the machine for the rest
     pytest.fail("test leaked resources:\n" + "\n".join(details), pytrace=False)
+
+
+def _shared_launcher_pids() -> set[int]:
+    """The program's shared launcher (its outer process and fork server) is meant to outlive
+    the pools, so the test that started it leaks nothing; its workers still count."""
+    from nspool import _launcher_share
+
+    process = _launcher_share.current()
+    if process is None:
+        return set()
+    return {process.pid, process.forkserver_pid}
+
+
+def _shared_launcher_fds() -> set[int]:
+    from nspool import _launcher_share
+
+    process = _launcher_share.current()
+    return set() if process is None or process.closed else {process.fileno()}
 
 
 def _our_cgroups(before: set[str]) -> set[str]:
@@ -128,6 +147,9 @@ def _cmd(pid: int) -> str:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from nspool import _launcher_share
+
+    _launcher_share.close_shared_launcher()  # what the program's exit would do
     leftover = {p: c for p, c in nspool_processes().items() if _ours(p)}
     zombies = {p: s for p, s in descendants().items() if s == "Z"}
     cgroups = _our_cgroups(_preexisting_cgroups)

@@ -9,7 +9,7 @@ import time
 import anyio
 import pytest
 import tasks
-from _procs import alive, descendants, wait_for, wait_gone
+from _procs import alive, descendants, pool_processes, wait_for, wait_gone
 
 import nspool
 from nspool import TaskPicklingError, WorkerDiedError
@@ -156,10 +156,9 @@ async def test_idle_workers_are_reaped_and_restarted() -> None:
 async def test_closing_the_pool_leaves_nothing() -> None:
     async with nspool.open_pool(max_workers=2, kill_leftovers=False) as pool:
         tree = await pool.run(tasks.spawn_tree, 10)
-        launcher = pool.launcher_pid
         assert all(alive(p) for p in tree)
-    assert not any(alive(p) for p in tree + [launcher])
-    assert descendants() == {}
+    assert not any(alive(p) for p in tree)
+    assert pool_processes() == {}
 
 
 def test_run_sync_default_pool_is_shut_down_with_the_event_loop(anyio_backend: str) -> None:
@@ -169,12 +168,12 @@ def test_run_sync_default_pool_is_shut_down_with_the_event_loop(anyio_backend: s
         seen["limiter"] = nspool.current_default_pool_limiter().total_tokens
         seen["r"] = await nspool.run_sync(tasks.square, 9)
         seen["pid"] = await nspool.run_sync(tasks.host_pid)
-        assert descendants()  # the default pool is running
+        assert pool_processes()  # the default pool is running
 
     anyio.run(main, backend=anyio_backend)
     assert seen["r"] == 81
     assert seen["limiter"] == (getattr(os, "process_cpu_count", os.cpu_count)() or 1)
-    assert wait_for(lambda: not descendants(), 2.0)
+    assert wait_for(lambda: not pool_processes(), 2.0)
     assert not alive(int(seen["pid"]))  # type: ignore[call-overload]
 
 
@@ -195,7 +194,7 @@ def test_run_sync_cancellation_kills_the_tree(anyio_backend: str, tmp_path) -> N
         assert await nspool.run_sync(tasks.square, 4) == 16
 
     anyio.run(main, backend=anyio_backend)
-    assert wait_for(lambda: not descendants(), 2.0)
+    assert wait_for(lambda: not pool_processes(), 2.0)
 
 
 async def test_errors_in_the_body_propagate_unwrapped() -> None:

@@ -20,7 +20,15 @@ pytest.importorskip(
 
 import dask  # noqa: E402
 import tasks_dask  # noqa: E402
-from _procs import alive, cmdline, descendants, nspool_processes, wait_for, wait_gone  # noqa: E402
+from _procs import (  # noqa: E402
+    alive,
+    cmdline,
+    descendants,
+    nspool_processes,
+    shared_launcher_pids,
+    wait_for,
+    wait_gone,
+)
 from distributed import Client, LocalCluster  # noqa: E402
 
 from nspool import TaskTimeoutError  # noqa: E402
@@ -58,9 +66,9 @@ def client() -> Iterator[Client]:
     assert cluster.status.name == "closed"
 
     def clean() -> bool:
-        return not _not_helpers(set(descendants()) - before)
+        return not _not_helpers(set(descendants()) - before - shared_launcher_pids())
 
-    assert wait_for(clean, 10), {p: cmdline(p) for p in _not_helpers(set(descendants()) - before)}
+    assert wait_for(clean, 10), {p: cmdline(p) for p in _not_helpers(set(descendants()) - before - shared_launcher_pids())}
     # The cluster started multiprocessing's resource tracker in this process: stop it, so that
     # the tests after this module find no child process of ours.
     from multiprocessing import resource_tracker
@@ -68,15 +76,16 @@ def client() -> Iterator[Client]:
     tracker: Any = resource_tracker._resource_tracker  # type: ignore[attr-defined]
     if tracker._pid is not None and tracker._pid not in before:
         tracker._stop()
-    assert wait_for(lambda: not set(descendants()) - before, 10), {
-        p: cmdline(p) for p in set(descendants()) - before
+    assert wait_for(lambda: not set(descendants()) - before - shared_launcher_pids(), 10), {
+        p: cmdline(p) for p in set(descendants()) - before - shared_launcher_pids()
     }
-    assert not nspool_processes_of_ours(), nspool_processes_of_ours()
+    assert wait_for(lambda: not nspool_processes_of_ours(), 10), nspool_processes_of_ours()
 
 
 def nspool_processes_of_ours() -> dict[int, str]:
-    """nspool processes that are descendants of this test process or orphans."""
-    mine = set(descendants())
+    """nspool processes that are descendants of this test process or orphans (not this
+    process's shared launcher, which outlives pools by design)."""
+    mine = set(descendants()) - shared_launcher_pids()
     return {p: c for p, c in nspool_processes().items() if p in mine or _ppid(p) == 1}
 
 

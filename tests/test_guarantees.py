@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import tasks
-from _procs import alive, descendants, wait_for, wait_gone
+from _procs import alive, descendants, pool_processes, wait_for, wait_gone
 
 from nspool import LauncherDiedError, NSPoolExecutor, WorkerDiedError
 
@@ -74,13 +74,13 @@ def test_guarantee1_shutdown_leaves_nothing_alive() -> None:
     ex = NSPoolExecutor(2, kill_leftovers=False)
     tree = ex.submit(tasks.spawn_tree, 200).result()
     daemon = ex.submit(tasks.spawn_daemon).result()
-    pool_procs = set(descendants())
+    pool_procs = set(pool_processes())
     assert len(tree) == 201
     assert set(tree) | {daemon} <= pool_procs
     assert all(alive(p) for p in tree + [daemon])
     ex.shutdown(wait=True)
     assert [p for p in pool_procs if alive(p)] == []
-    assert descendants() == {}
+    assert pool_processes() == {}
 
 
 def test_leftovers_are_killed_when_the_task_ends_by_default() -> None:

@@ -476,6 +476,7 @@ def test_ctl_wire_values_are_fixed() -> None:
         "KILL": 5,
         "EXITED": 6,
         "LIMITS_ERROR": 7,
+        "NEW_POOL": 8,
     }
 
 
@@ -529,7 +530,7 @@ def test_short_control_packet_raises(size: int) -> None:
         decode_control(packet)
 
 
-@pytest.mark.parametrize("kind", [0, 8, 255])
+@pytest.mark.parametrize("kind", [0, 9, 255])
 def test_unknown_control_kind_raises(kind: int) -> None:
     with pytest.raises(ProtocolError, match="kind"):
         decode_control(struct.pack("<BIq", kind, 1, 0))

@@ -1,7 +1,14 @@
-"""The fork server: PID 1 of the pool's PID namespace, single-threaded, forking one worker per
-SPAWN request: the init (``_init``) of a fresh nested PID namespace, which forks the task loop.
+"""The fork server: PID 1 of the launcher's PID namespace, single-threaded, forking one worker
+per SPAWN request: the init (``_init``) of a fresh nested PID namespace, which forks the task
+loop.
 
-It exits when the program's control socket reaches EOF (the program closed it or died, even by
+One launcher serves every pool of a program that has no launcher of its own (see
+``_launcher_share``): each pool sends ``NEW_POOL`` with its own socket, and its SPAWN, KILL
+and EXITED travel on that socket only. When the program shuts a pool's socket, its workers
+(and only they) are killed; the socket is closed once the last one is reaped, which is how the
+program knows they are gone.
+
+It exits when the launcher's socket reaches EOF (the program closed it or died, even by
 ``kill -9``), when the outer launcher dies (parent-death signal and a lifeline pipe), or on any
 catchable signal. Being PID 1, its exit makes the kernel kill every worker and descendant.
 """
@@ -10,13 +17,14 @@ from __future__ import annotations
 
 import errno
 import importlib
+import json
 import os
 import select
 import signal
 import socket
 import sys
 import traceback
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from .._protocol import (
     EXIT_MEMORY_LIMIT,
@@ -35,6 +43,46 @@ if TYPE_CHECKING:
 
 #: how often the fork server retries removing a dead worker's cgroup the kernel still holds
 _REMOVE_RETRY_MS = 20
+#: the largest NEW_POOL message (a pool's options with the program's environment)
+_MAX_LAUNCHER_MESSAGE = 1 << 20
+
+
+class Pool:
+    """The fork server's side of one pool the program opened (``NEW_POOL``)."""
+
+    __slots__ = ("sock", "options", "setup", "stdio", "workers", "closing")
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        options: WorkerOptions,
+        setup: PoolSetup,
+        stdio: list[tuple[int, int]],
+    ) -> None:
+        self.sock = sock
+        self.options = options
+        self.setup = setup
+        #: (our copy, its number in a worker): the program's stdout and stderr as they were
+        #: when it opened the pool, where the pool's workers write
+        self.stdio = stdio
+        self.workers: dict[int, Worker] = {}  # worker id (the pool's own numbering) -> worker
+        #: the program shut its end: the pool's workers are being killed; the socket is closed
+        #: (the program's EOF: "all gone") once the last is reaped
+        self.closing = False
+
+
+class Worker:
+    """One live worker (its init, PID 1 of the worker's namespace)."""
+
+    __slots__ = ("pool", "wid", "pid", "cgroup", "oom_fd", "out_of_memory")
+
+    def __init__(self, pool: Pool, wid: int, pid: int, cgroup: WorkerCgroup | None) -> None:
+        self.pool = pool
+        self.wid = wid
+        self.pid = pid
+        self.cgroup = cgroup
+        self.oom_fd: int | None = None
+        self.out_of_memory = False  # killed by us for running out of memory
 
 
 class ForkServer:
@@ -42,21 +90,21 @@ class ForkServer:
         self,
         ctrl: socket.socket,
         lifeline: int,
-        options: WorkerOptions,
         cgroups: PoolCgroups | None = None,
     ) -> None:
+        #: the launcher's socket: NEW_POOL requests; its EOF (the program is gone) ends us
         self.ctrl = ctrl
         self.lifeline = lifeline
-        self.options = options
-        self.pids: dict[int, int] = {}  # pid (in the pool namespace) -> worker id
-        self.wids: dict[int, int] = {}  # worker id -> pid
+        self.pools: dict[int, Pool] = {}  # socket fd -> pool
+        self.workers: dict[int, Worker] = {}  # pid (in this namespace) -> worker
         self.poller = select.poll()
-        #: the pool's cgroups (resource limits, usage); each live worker's, its OOM eventfd
+        #: the launcher's cgroups (resource limits, usage; only on a launcher of its own)
         self.cgroups = cgroups
-        self.worker_cgroups: dict[int, WorkerCgroup] = {}
-        self.oom_fds: dict[int, int] = {}  # eventfd -> worker id
-        self.out_of_memory: set[int] = set()  # worker ids killed for running out of memory
+        self.oom_fds: dict[int, Worker] = {}  # eventfd -> worker
         self.unremoved: list[WorkerCgroup] = []  # dead workers' cgroups still busy
+        self.serial = 0  # names workers' cgroups: pools number their workers each from 1
+        self.private_proc_error: str | None = None
+        self.private_proc_probed = False
         # Our own PID namespace, to return to after each unshare (see DESIGN.md section 2).
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.wake_r, self.wake_w = os.pipe()
@@ -64,11 +112,13 @@ class ForkServer:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
 
-    def send(self, msg: Control) -> None:
+    def send(self, pool: Pool, msg: Control) -> None:
+        if pool.closing:
+            return  # the program only waits for the socket's end now
         try:
-            self.ctrl.send(encode_control(msg))
+            pool.sock.send(encode_control(msg))
         except OSError:
-            os._exit(0)  # the program is gone; exiting takes the whole namespace down
+            self.close_pool(pool)  # that program end is gone: the pool ends with it
 
     # -- the loop -----------------------------------------------------------------------------
     def serve(self) -> NoReturn:
@@ -85,18 +135,68 @@ class ForkServer:
                     os._exit(0)  # the outer launcher died
                 elif fd in self.oom_fds:
                     self.on_out_of_memory(fd)
+                elif fd == self.ctrl.fileno():
+                    self.on_launcher_message()
                 else:
-                    self.on_control()
+                    pool = self.pools.get(fd)
+                    if pool is not None and not pool.closing:
+                        self.on_pool_message(pool)
             if self.unremoved:
                 self.remove_cgroups()
 
-    def on_control(self) -> None:
+    def on_launcher_message(self) -> None:
         try:
-            data, fds, _, _ = socket.recv_fds(self.ctrl, 4096, 4)
+            data, fds, _, _ = socket.recv_fds(self.ctrl, _MAX_LAUNCHER_MESSAGE, 3)
         except OSError:
             data, fds = b"", []
         if not data:
-            os._exit(0)  # EOF: the program shut the pool down or died
+            os._exit(0)  # EOF: the program closed the launcher or died
+        try:
+            msg = decode_control(data)
+            config = json.loads(msg.text) if msg.kind is Ctl.NEW_POOL else {}
+            stdio = config.get("stdio", [])
+            if msg.kind is not Ctl.NEW_POOL or len(fds) != 1 + len(stdio):
+                raise ProtocolError(
+                    f"unexpected {msg.kind.name} with {len(fds)} fds on the launcher"
+                )
+        except (ProtocolError, ValueError):
+            for fd in fds:
+                os.close(fd)
+            raise
+        self.open_pool(socket.socket(fileno=fds[0]), config, list(zip(fds[1:], stdio)))
+
+    def open_pool(
+        self, sock: socket.socket, config: dict[str, Any], stdio: list[tuple[int, int]]
+    ) -> None:
+        options = WorkerOptions(
+            kill_leftovers=bool(config.get("kill_leftovers", True)),
+            private_proc=bool(config.get("private_proc", False)),
+        )
+        pool = Pool(sock, options, PoolSetup.from_config(config), stdio)
+        if options.private_proc:
+            if not self.private_proc_probed:  # the answer is the same for every pool
+                self.private_proc_error = self.probe_private_proc()
+                self.private_proc_probed = True
+            if self.private_proc_error is not None:
+                text = explain_private_proc(self.private_proc_error)
+                try:
+                    sock.send(encode_control(Control(Ctl.ERROR, 0, errno.EPERM, text)))
+                except OSError:
+                    pass
+                self.release(pool)
+                return
+        self.pools[sock.fileno()] = pool
+        self.poller.register(sock.fileno(), select.POLLIN)
+        self.send(pool, Control(Ctl.HELLO, 0, int(os.readlink("/proc/self"))))
+
+    def on_pool_message(self, pool: Pool) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(pool.sock, 4096, 4)
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            self.close_pool(pool)  # the program closed the pool (or died)
+            return
         try:
             msg = decode_control(data)
         except ProtocolError:
@@ -104,14 +204,42 @@ class ForkServer:
                 os.close(fd)
             raise
         if msg.kind is Ctl.SPAWN:
-            self.spawn(msg.wid, fds)
-        elif msg.kind is Ctl.KILL:
-            pid = self.wids.get(msg.wid)
-            if pid is not None:
+            self.spawn(pool, msg.wid, fds)
+            return
+        for fd in fds:
+            os.close(fd)
+        if msg.kind is Ctl.KILL:
+            worker = pool.workers.get(msg.wid)
+            if worker is not None:
                 try:
-                    os.kill(pid, msg.value)
+                    os.kill(worker.pid, msg.value)
                 except ProcessLookupError:
                     pass
+
+    def close_pool(self, pool: Pool) -> None:
+        """The program is done with ``pool``: kill its workers (each its init, so the kernel
+        takes its namespace down); its socket closes once the last one is reaped."""
+        if pool.closing:
+            return
+        pool.closing = True
+        self.poller.unregister(pool.sock.fileno())
+        for worker in pool.workers.values():
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.finish_pool(pool)
+
+    def finish_pool(self, pool: Pool) -> None:
+        if pool.closing and not pool.workers:
+            del self.pools[pool.sock.fileno()]
+            self.release(pool)  # the program's EOF: every process of the pool is gone
+
+    @staticmethod
+    def release(pool: Pool) -> None:
+        pool.sock.close()
+        for fd, _ in pool.stdio:
+            os.close(fd)
 
     def fork_pid1(self) -> int:
         """Fork a child that is PID 1 of a new PID namespace (returns 0 in the child)."""
@@ -136,19 +264,25 @@ class ForkServer:
         os.close(w)
         with os.fdopen(r, "rb") as f:
             err = f.read().decode(errors="replace")
-        os.waitpid(pid, 0)
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
         return err or None
 
-    def spawn(self, wid: int, fds: list[int]) -> None:
+    def spawn(self, pool: Pool, wid: int, fds: list[int]) -> None:
         if len(fds) != 4:
             for fd in fds:
                 os.close(fd)
-            self.send(Control(Ctl.SPAWN_FAILED, wid, 0, f"SPAWN carried {len(fds)} fds, not 4"))
+            self.send(pool, Control(Ctl.SPAWN_FAILED, wid, 0, f"SPAWN carried {len(fds)} fds, not 4"))
             return
         cgroup = oom_fd = None
         try:
             if self.cgroups is not None:
-                cgroup = self.cgroups.create_worker(wid)
+                self.serial += 1
+                cgroup = self.cgroups.create_worker(self.serial)
                 oom_fd = self.cgroups.watch_oom(cgroup)
             pid = self.fork_pid1()
         except OSError as exc:
@@ -158,21 +292,21 @@ class ForkServer:
                 os.close(oom_fd)
             if cgroup is not None:
                 self.unremoved.append(cgroup)
-            self.send(Control(Ctl.SPAWN_FAILED, wid, exc.errno or 0, str(exc)))
+            self.send(pool, Control(Ctl.SPAWN_FAILED, wid, exc.errno or 0, str(exc)))
             return
         if pid == 0:
-            self._become_init(fds, cgroup)
+            self._become_init(pool, fds, cgroup)
         for fd in fds:
             os.close(fd)
-        self.pids[pid] = wid
-        self.wids[wid] = pid
-        if cgroup is not None:
-            self.worker_cgroups[wid] = cgroup
+        worker = Worker(pool, wid, pid, cgroup)
+        self.workers[pid] = worker
+        pool.workers[wid] = worker
         if oom_fd is not None:
-            self.oom_fds[oom_fd] = wid
+            worker.oom_fd = oom_fd
+            self.oom_fds[oom_fd] = worker
             self.poller.register(oom_fd, select.POLLIN)
 
-    def _become_init(self, fds: list[int], cgroup: WorkerCgroup | None) -> NoReturn:
+    def _become_init(self, pool: Pool, fds: list[int], cgroup: WorkerCgroup | None) -> NoReturn:
         try:
             if cgroup is not None:
                 assert self.cgroups is not None
@@ -181,16 +315,22 @@ class ForkServer:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
                 signal.signal(sig, signal.SIG_DFL)
+            # Nothing of the launcher's or of other pools' may stay open in a worker.
             self.ctrl.close()
+            for fd, target in pool.stdio:
+                os.dup2(fd, target)  # the program's stdout/stderr as the pool found them
+            for other in self.pools.values():
+                self.release(other)
             for fd in (self.lifeline, self.wake_r, self.wake_w, self.own_pidns, *self.oom_fds):
                 os.close(fd)
             for fd in fds:
                 os.set_inheritable(fd, False)
+            pool.setup.apply()
             from . import _init
 
             task_fd, result_fd, stop_fd, state_fd = fds
             meter = None if cgroup is None or self.cgroups is None else (self.cgroups, cgroup)
-            _init.run(task_fd, result_fd, stop_fd, state_fd, self.options, meter)
+            _init.run(task_fd, result_fd, stop_fd, state_fd, pool.options, meter)
         except BaseException:  # noqa: BLE001 - say why; the program sees the worker die
             traceback.print_exc()
         finally:
@@ -203,14 +343,12 @@ class ForkServer:
             os.eventfd_read(fd)
         except BlockingIOError:
             return
-        wid = self.oom_fds[fd]
-        self.out_of_memory.add(wid)
-        pid = self.wids.get(wid)
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)  # its init: the kernel takes the namespace down
-            except ProcessLookupError:
-                pass
+        worker = self.oom_fds[fd]
+        worker.out_of_memory = True
+        try:
+            os.kill(worker.pid, signal.SIGKILL)  # its init: the kernel takes the namespace down
+        except ProcessLookupError:
+            pass
 
     def remove_cgroups(self) -> None:
         """Remove dead workers' cgroups; those the kernel still holds are retried later."""
@@ -228,31 +366,89 @@ class ForkServer:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
-            wid = self.pids.pop(pid, None)
-            if wid is not None:
-                del self.wids[wid]
-                self.send(Control(Ctl.EXITED, wid, status | self.worker_gone(wid)))
+                break
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            pool = worker.pool
+            del pool.workers[worker.wid]
+            flags = self.worker_gone(worker)
+            self.send(pool, Control(Ctl.EXITED, worker.wid, status | flags))
+            self.finish_pool(pool)
         if self.unremoved:
             self.remove_cgroups()
 
-    def worker_gone(self, wid: int) -> int:
+    def worker_gone(self, worker: Worker) -> int:
         """Release a dead worker's cgroup (removed after its EXITED is sent); the EXIT_*
         flags of its end."""
-        cgroup = self.worker_cgroups.pop(wid, None)
+        cgroup = worker.cgroup
         if cgroup is None or self.cgroups is None:
             return 0
-        for fd, owner in list(self.oom_fds.items()):
-            if owner == wid:
-                self.poller.unregister(fd)
-                os.close(fd)
-                del self.oom_fds[fd]
-        oom = wid in self.out_of_memory or self.cgroups.oom_killed(cgroup)
-        self.out_of_memory.discard(wid)
+        if worker.oom_fd is not None:
+            self.poller.unregister(worker.oom_fd)
+            os.close(worker.oom_fd)
+            del self.oom_fds[worker.oom_fd]
+        oom = worker.out_of_memory or self.cgroups.oom_killed(cgroup)
         self.unremoved.append(cgroup)
         return EXIT_MEMORY_LIMIT if oom else 0
+
+
+class PoolSetup(NamedTuple):
+    """What a pool's workers take from the program as it was when the pool was opened (a
+    shared launcher started earlier, with the program's state of then): applied in each new
+    worker before it runs anything."""
+
+    env: dict[str, str] | None  #: None: the launcher's own environment is the pool's
+    cwd: str | None  #: None: the launcher's own
+    sys_path: list[str]
+    authkey: bytes | None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> PoolSetup:
+        env = config.get("env")
+        if env is not None and env == dict(os.environ):
+            env = None  # the common case: nothing to do per worker
+        cwd = config.get("cwd")
+        if cwd is not None and cwd == _getcwd():
+            cwd = None
+        authkey = config.get("authkey")
+        return cls(
+            env,
+            cwd,
+            list(config.get("sys_path", [])),
+            bytes.fromhex(authkey) if isinstance(authkey, str) else None,
+        )
+
+    def apply(self) -> None:
+        if self.env is not None:
+            os.environ.clear()
+            os.environ.update(self.env)
+        if self.cwd is not None:
+            try:
+                os.chdir(self.cwd)
+            except OSError:
+                pass  # gone since: the task sees the launcher's, as a process would see "/"
+        add_sys_path(self.sys_path)
+        if self.authkey is not None:
+            import multiprocessing.process
+
+            multiprocessing.process.current_process().authkey = self.authkey
+
+
+def _getcwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
+def add_sys_path(paths: list[str]) -> None:
+    """Put the program's import path entries we lack in front of ours, in its order."""
+    for path in reversed(paths):
+        if path not in sys.path:
+            sys.path.insert(0, path)
 
 
 def _die(signum: int, frame: object) -> None:
@@ -299,22 +495,10 @@ def run(
                     )
                 )
                 os._exit(1)
-        authkey = config.get("authkey")
-        if isinstance(authkey, str):
-            import multiprocessing.process  # about 1 ms, once per pool
+        import multiprocessing.process  # noqa: F401 - workers set the pool's authkey in it
 
-            multiprocessing.process.current_process().authkey = bytes.fromhex(authkey)
-        options = WorkerOptions(
-            kill_leftovers=bool(config.get("kill_leftovers", True)),
-            private_proc=bool(config.get("private_proc", False)),
-        )
-        server = ForkServer(ctrl, lifeline, options, cgroups)
-        if options.private_proc:
-            err = server.probe_private_proc()
-            if err is not None:
-                server.send(Control(Ctl.ERROR, 0, errno.EPERM, explain_private_proc(err)))
-                os._exit(1)
-        server.send(Control(Ctl.HELLO, 0, int(os.readlink("/proc/self"))))
+        server = ForkServer(ctrl, lifeline, cgroups)
+        ctrl.send(encode_control(Control(Ctl.HELLO, 0, int(os.readlink("/proc/self")))))
         server.serve()
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
