@@ -276,14 +276,24 @@ def _cmdline(p: Any) -> str:
         return "?"
 
 
+def _shared_launcher() -> set[int]:
+    """nspool's per-program launcher (its two processes; its workers do count)."""
+    from nspool import _launcher_share
+
+    process = _launcher_share.current()
+    return set() if process is None else {process.pid, process.forkserver_pid}
+
+
 def leftovers() -> list[Any]:
-    """Descendants of this process, except multiprocessing's per-program helper processes."""
+    """Descendants of this process, except the per-program helper processes of
+    multiprocessing and nspool."""
     import psutil  # type: ignore[import-untyped]
 
+    helpers = _shared_launcher()
     out = []
     for p in psutil.Process().children(recursive=True):
         cmd = _cmdline(p)
-        if not any(h in cmd for h in _HELPERS):
+        if p.pid not in helpers and not any(h in cmd for h in _HELPERS):
             out.append(p)
     return out
 
@@ -308,10 +318,13 @@ def settle(grace: float = 5.0) -> list[str]:
 
 def stop_helpers() -> None:
     """Stop the forkserver and resource trackers that multiprocessing and loky keep per program,
-    so that the suite ends with no child process at all."""
+    and nspool's shared launcher, so that the suite ends with no child process at all."""
     from multiprocessing import forkserver, resource_tracker
 
+    from nspool import close_shared_launcher
+
     stops: list[Callable[[], None]] = [
+        close_shared_launcher,
         forkserver._forkserver._stop,  # type: ignore[attr-defined]
         resource_tracker._resource_tracker._stop,  # type: ignore[attr-defined]
     ]

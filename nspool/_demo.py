@@ -66,7 +66,7 @@ def main() -> int:
     t0 = time.perf_counter()
     with NSPoolExecutor(max_workers=2, kill_leftovers=False) as pool:
         took = (time.perf_counter() - t0) * 1e3
-        print(f"   launcher started in {took:.0f} ms, pid {pool.launcher_pid}")
+        print(f"   launcher started in {took:.0f} ms, pid {pool.launcher_pid} (one per program)")
         seen = {}
         for ns_pid, host_pid, ns in pool.map(whoami, [0.2, 0.2]):
             seen[host_pid] = (ns_pid, ns)

@@ -16,6 +16,7 @@ catchable signal. Being PID 1, its exit makes the kernel kill every worker and d
 from __future__ import annotations
 
 import errno
+import gc
 import importlib
 import json
 import os
@@ -498,6 +499,9 @@ def run(
         import multiprocessing.process  # noqa: F401 - workers set the pool's authkey in it
 
         server = ForkServer(ctrl, lifeline, cgroups)
+        # Every object so far lives as long as this process: out of the collector's sight,
+        # a worker's collections do not touch (so copy) the pages they share with us.
+        gc.freeze()
         ctrl.send(encode_control(Control(Ctl.HELLO, 0, int(os.readlink("/proc/self")))))
         server.serve()
     except BaseException:  # noqa: BLE001
