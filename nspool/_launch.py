@@ -17,6 +17,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -194,6 +195,9 @@ class LauncherProcess:
             theirs.close()
         self.sock = mine
         self.closed = False
+        #: held while sending on or closing the socket: threads opening pools while another
+        #: closes the launcher must never send to a closed (or reused) descriptor
+        self._lock = threading.Lock()
         assert self.proc.stdin is not None
         # What the launcher needs before it says hello; each pool's own options come with
         # its NEW_POOL.
@@ -243,8 +247,6 @@ class LauncherProcess:
     def open_pool(self, config: LaunchConfig, start_timeout: float, owned: bool) -> PoolLink:
         """Ask the launcher to serve one more pool; its link. ``LauncherGone`` if the launcher
         is gone; ``owned``: the link closes this launcher with the pool."""
-        if self.closed:
-            raise LauncherGone("the nspool launcher was closed")
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # The pool's workers write where the program's stdout and stderr go now (a
@@ -253,8 +255,12 @@ class LauncherProcess:
             options = {**_pool_options(config), "stdio": stdio}
             packet = encode_control(Control(Ctl.NEW_POOL, 0, 0, json.dumps(options)))
             try:
-                # One packet: safe from several threads opening pools at once.
-                socket.send_fds(self.sock, [packet], [theirs.fileno(), *stdio])
+                with self._lock:
+                    if self.closed:
+                        raise LauncherGone("the nspool launcher was closed")
+                    socket.send_fds(self.sock, [packet], [theirs.fileno(), *stdio])
+            except LauncherGone:
+                raise
             except OSError as exc:
                 if exc.errno == errno.EMSGSIZE:
                     raise ValueError(
@@ -301,9 +307,11 @@ class LauncherProcess:
         launcher's namespace, so the kernel kills every worker of every pool it serves, and
         the outer launcher exits after it.
         """
-        if not self.closed:
-            self.closed = True
-            self.sock.close()
+        with self._lock:
+            was_open, self.closed = not self.closed, True
+            if was_open:
+                self.sock.close()
+        if was_open:
             if kill:
                 try:
                     self.proc.kill()

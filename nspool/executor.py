@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from . import _serialize
 from ._chunks import process_chunk
 from ._driver import Completion, Conn, PoolDriver
-from ._launch import LaunchConfig, PoolLink, cgroups_config, connect
+from ._launch import LaunchConfig, cgroups_config, connect
 from ._pool import PoolCore, StopAction, Task, TState
 from ._protocol import Kind
 from ._usage import TaskUsage

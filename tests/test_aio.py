@@ -9,7 +9,7 @@ import time
 import anyio
 import pytest
 import tasks
-from _procs import alive, descendants, pool_processes, wait_for, wait_gone
+from _procs import alive, pool_processes, wait_for, wait_gone
 
 import nspool
 from nspool import TaskPicklingError, WorkerDiedError

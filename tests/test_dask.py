@@ -68,7 +68,9 @@ def client() -> Iterator[Client]:
     def clean() -> bool:
         return not _not_helpers(set(descendants()) - before - shared_launcher_pids())
 
-    assert wait_for(clean, 10), {p: cmdline(p) for p in _not_helpers(set(descendants()) - before - shared_launcher_pids())}
+    assert wait_for(clean, 10), {
+        p: cmdline(p) for p in _not_helpers(set(descendants()) - before - shared_launcher_pids())
+    }
     # The cluster started multiprocessing's resource tracker in this process: stop it, so that
     # the tests after this module find no child process of ours.
     from multiprocessing import resource_tracker

@@ -199,7 +199,10 @@ def test_zz_module_pool_leaves_nothing(ex: NSPoolExecutor) -> None:
     ex.shutdown()
     assert pool_processes() == {}
     # The program's shared launcher stays for the next pool, with nothing under it.
-    assert launcher in shared_launcher_pids() and not descendants(launcher).keys() - shared_launcher_pids()
+    assert (
+        launcher in shared_launcher_pids()
+        and not descendants(launcher).keys() - shared_launcher_pids()
+    )
 
 
 # -- tests with a pool of their own -----------------------------------------------------------

@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import textwrap
-from concurrent.futures import wait
 from pathlib import Path
 
 import anyio
@@ -141,8 +140,11 @@ def test_a_forked_child_opens_pools_on_a_launcher_of_its_own() -> None:
                 os.close(r)
                 with NSPoolExecutor(1) as child_pool:
                     same = child_pool.launcher_pid == parent_pool.launcher_pid
-                    os.write(w, f"{child_pool.submit(tasks.square, 9).result()} {same} "
-                             f"{child_pool.launcher_pid}".encode())
+                    os.write(
+                        w,
+                        f"{child_pool.submit(tasks.square, 9).result()} {same} "
+                        f"{child_pool.launcher_pid}".encode(),
+                    )
                 code = 0
             finally:
                 os._exit(code)  # no atexit: the launcher must still go with this process

@@ -164,7 +164,7 @@ class ForkServer:
             for fd in fds:
                 os.close(fd)
             raise
-        self.open_pool(socket.socket(fileno=fds[0]), config, list(zip(fds[1:], stdio)))
+        self.open_pool(socket.socket(fileno=fds[0]), config, list(zip(fds[1:], stdio, strict=True)))
 
     def open_pool(
         self, sock: socket.socket, config: dict[str, Any], stdio: list[tuple[int, int]]
@@ -192,7 +192,11 @@ class ForkServer:
 
     def on_pool_message(self, pool: Pool) -> None:
         try:
-            data, fds, _, _ = socket.recv_fds(pool.sock, 4096, 4)
+            # Never blocks: an event polled for a closed pool's fd may reach a new pool that
+            # got the same number within one round of the loop.
+            data, fds, _, _ = socket.recv_fds(pool.sock, 4096, 4, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
         except OSError:
             data, fds = b"", []
         if not data:
@@ -232,7 +236,8 @@ class ForkServer:
         self.finish_pool(pool)
 
     def finish_pool(self, pool: Pool) -> None:
-        if pool.closing and not pool.workers:
+        # Once only: a failed send while reaping may have finished it already.
+        if pool.closing and not pool.workers and self.pools.get(pool.sock.fileno()) is pool:
             del self.pools[pool.sock.fileno()]
             self.release(pool)  # the program's EOF: every process of the pool is gone
 
@@ -277,7 +282,9 @@ class ForkServer:
         if len(fds) != 4:
             for fd in fds:
                 os.close(fd)
-            self.send(pool, Control(Ctl.SPAWN_FAILED, wid, 0, f"SPAWN carried {len(fds)} fds, not 4"))
+            self.send(
+                pool, Control(Ctl.SPAWN_FAILED, wid, 0, f"SPAWN carried {len(fds)} fds, not 4")
+            )
             return
         cgroup = oom_fd = None
         try:
