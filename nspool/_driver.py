@@ -248,6 +248,10 @@ class PoolDriver:
     def on_readable(self, conn: Conn, done: list[Completion], reads: int | None = 64) -> None:
         """Read what a worker sent (at most ``reads`` reads; None: all there is) and dispatch
         the complete frames."""
+        if self.broken is not None:
+            # The pool broke earlier in this round (its launcher's EOF, a failed initializer):
+            # every task is settled already, so a result still in a pipe has no task.
+            return
         decoder = conn.decoder
         count = itertools.count() if reads is None else range(reads)
         for _ in count:

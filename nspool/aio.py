@@ -97,7 +97,7 @@ class _AsyncEngine(PoolDriver):
         if self.loop is not None:
             self.loop.add_reader(conn.result_fd, self._read_and_settle, conn)
         else:
-            self.tg.start_soon(self._reader, conn)
+            self.tg.start_soon(self._reader, conn, conn.result_fd)
 
     def _read_and_settle(self, conn: Conn) -> None:
         if conn.result_fd < 0:
@@ -108,7 +108,7 @@ class _AsyncEngine(PoolDriver):
 
     def _want_write(self, conn: Conn) -> None:
         conn.writing = True
-        self.tg.start_soon(self._writer, conn)
+        self.tg.start_soon(self._writer, conn, conn.task_fd)
 
     def _release_fd(self, fd: int) -> None:
         if self.loop is not None:
@@ -138,9 +138,10 @@ class _AsyncEngine(PoolDriver):
         self.step(done)
         _settle(done)
 
-    async def _reader(self, conn: Conn) -> None:
-        fd = conn.result_fd
-        while conn.result_fd == fd:
+    async def _reader(self, conn: Conn, fd: int) -> None:
+        # ``fd`` is the pipe as it was when this task was started: by the time the task runs,
+        # the pool may have closed it (result_fd -1, which trio would wait on).
+        while fd >= 0 and conn.result_fd == fd:
             try:
                 await anyio.wait_readable(fd)
             except anyio.ClosedResourceError:
@@ -149,10 +150,10 @@ class _AsyncEngine(PoolDriver):
                 return  # closed by another task between the wake-up and now
             self._read_and_settle(conn)
 
-    async def _writer(self, conn: Conn) -> None:
-        fd = conn.task_fd
+    async def _writer(self, conn: Conn, fd: int) -> None:
+        # ``fd``: the pipe as it was when this task was started (see _reader)
         try:
-            while conn.out and conn.task_fd == fd:
+            while fd >= 0 and conn.out and conn.task_fd == fd:
                 try:
                     await anyio.wait_writable(fd)
                 except anyio.ClosedResourceError:
