@@ -539,6 +539,11 @@ def main(argv: list[str] | None = None) -> int:
             result.stopTestRun()
             faulthandler.cancel_dump_traceback_later()
     took = time.monotonic() - started
+    # nspool's per-program launcher outlives its pools by design (as multiprocessing's
+    # forkserver does): stop it as the program's exit would, then look for what is left.
+    from nspool import close_shared_launcher
+
+    close_shared_launcher()
     leaks = leak_check()
 
     for test_id, outcome, text in result.failed:
