@@ -36,12 +36,11 @@ import os
 import random
 import shutil
 import struct
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
@@ -52,12 +51,18 @@ import pytest
 import tasks
 import tasks_race
 from _procs import outcome
+from _racing import (  # noqa: F401 - fixtures used by name
+    SCALE,
+    crashes,
+    frequent_thread_switches,
+    scaled,
+    seed_fixture,
+    thread_crashes,
+)
 from tasks_race import RECORD, work
 
 import nspool
 from nspool import BrokenProcessPool, NSPoolExecutor, TaskTimeoutError
-
-SCALE = float(os.environ.get("NSPOOL_RACE_SCALE") or 1.0)
 
 # pytest-timeout's limit grows with the scale (a soak runs for many minutes); each test's own
 # bounds are well inside it, so a stuck pool fails with counts, not with a timeout.
@@ -86,46 +91,6 @@ KEYS = (
     "callbacks_not_once",
     "violations",
 )
-
-
-def scaled(n: int) -> int:
-    return max(1, round(n * SCALE))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _frequent_thread_switches() -> Iterator[None]:
-    """Switch threads every 0.5 ms instead of 5 ms: more interleavings of the caller's
-    kill()/cancel() with the pool's own thread."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(0.0005)
-    yield
-    sys.setswitchinterval(old)
-
-
-_crashes: list[str] = []  # uncaught exceptions of threads (the pool's I/O thread...)
-
-
-@pytest.fixture(autouse=True)
-def _thread_crashes() -> Iterator[None]:
-    """Count an exception that kills a thread (e.g. the pool's I/O thread) as a violation of
-    the test that saw it; the hook that was installed (pytest's) still sees it too."""
-    old = threading.excepthook
-
-    def hook(args: Any) -> None:
-        name = args.thread.name if args.thread is not None else "?"
-        _crashes.append(f"thread {name} died of {args.exc_value!r}")
-        old(args)
-
-    _crashes.clear()
-    threading.excepthook = hook
-    yield
-    threading.excepthook = old
-
-
-@pytest.fixture
-def seed() -> int:
-    env = os.environ.get("NSPOOL_RACE_SEED")
-    return int(env) if env else random.SystemRandom().getrandbits(32)
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -174,8 +139,8 @@ class Stats:
         return line
 
     def report(self) -> None:
-        while _crashes:
-            self.violation("thread_crashed", _crashes.pop(0))
+        while crashes:
+            self.violation("thread_crashed", crashes.pop(0))
         line = json.dumps(self.summary())
         print(f"\n[race] {line}")
         path = os.environ.get("NSPOOL_RACE_REPORT")

@@ -53,11 +53,17 @@ import anyio
 import pytest
 import tasks
 from _procs import alive, descendants, outcome, pool_processes, wait_for, wait_gone
+from _racing import (  # noqa: F401 - fixtures used by name
+    SCALE,
+    crashes,
+    frequent_thread_switches,
+    scaled,
+    seed_fixture,
+    thread_crashes,
+)
 
 import nspool
 from nspool import BrokenProcessPool, NSPoolExecutor, _launcher_share
-
-SCALE = float(os.environ.get("NSPOOL_RACE_SCALE") or 1.0)
 
 pytestmark = pytest.mark.timeout(max(120.0, 60.0 * SCALE))
 
@@ -80,44 +86,6 @@ KNOWN_FRAME_AFTER_BREAK_BUG = False
 ANY = object()
 
 _tokens = itertools.count(1)  # unique over the file: a task returns token**2
-
-
-def scaled(n: int) -> int:
-    return max(1, round(n * SCALE))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _frequent_thread_switches() -> Iterator[None]:
-    """More interleavings of the threads that open, use and close pools."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(0.0005)
-    yield
-    sys.setswitchinterval(old)
-
-
-_crashes: list[str] = []
-
-
-@pytest.fixture(autouse=True)
-def _thread_crashes() -> Iterator[None]:
-    """An exception that kills a thread (a pool's I/O thread...) fails the test that saw it."""
-    old = threading.excepthook
-
-    def hook(args: Any) -> None:
-        name = args.thread.name if args.thread is not None else "?"
-        _crashes.append(f"thread {name} died of {args.exc_value!r}")
-        old(args)
-
-    _crashes.clear()
-    threading.excepthook = hook
-    yield
-    threading.excepthook = old
-
-
-@pytest.fixture
-def seed() -> int:
-    env = os.environ.get("NSPOOL_RACE_SEED")
-    return int(env) if env else random.SystemRandom().getrandbits(32)
 
 
 # -- bookkeeping --------------------------------------------------------------------------------
@@ -228,8 +196,8 @@ class Tracker:
 
     # -- the end ----------------------------------------------------------------------------------
     def report(self) -> None:
-        while _crashes:
-            crash = _crashes.pop(0)
+        while crashes:
+            crash = crashes.pop(0)
             if KNOWN_FRAME_AFTER_BREAK_BUG and "answered task seq" in crash:
                 self.add("known_bug:frame_after_break")
                 continue
@@ -398,6 +366,30 @@ def _close_pool(
     return waited, workers
 
 
+def _churn_in_threads(
+    tr: Any, threads: int, rounds: int, one_pool: Any, rng0: random.Random
+) -> None:
+    """``threads`` threads each run ``rounds`` of ``one_pool(rng)`` (a pool opened, used and
+    closed) until the tracker has seen enough violations; a thread that hangs is one."""
+
+    def churn(rng: random.Random) -> None:
+        for _ in range(rounds):
+            if tr.failing():
+                return
+            tr.guarded("a pool's round", one_pool, rng)
+
+    started = [
+        threading.Thread(target=churn, args=(random.Random(rng0.getrandbits(32)),))
+        for _ in range(threads)
+    ]
+    for t in started:
+        t.start()
+    for t in started:
+        t.join(60 * max(1.0, SCALE))
+        if t.is_alive():
+            tr.violation("a thread opening and closing pools hung")
+
+
 def test_pools_open_and_close_from_threads_beside_a_long_lived_pool(seed: int) -> None:
     """4 threads each open a pool (1-3 workers), submit 1-8 quick tasks, sometimes wait for
     some, and close it one of six ways, over and over; a long-lived pool keeps running tasks
@@ -450,22 +442,7 @@ def test_pools_open_and_close_from_threads_beside_a_long_lived_pool(seed: int) -
             if left:
                 tr.violation(f"workers {left} alive after their pool's close ({mode}) returned")
 
-    def churn(rng: random.Random) -> None:
-        for _ in range(rounds):
-            if tr.failing():
-                return
-            tr.guarded("a pool's round", one_pool, rng)
-
-    threads = [
-        threading.Thread(target=churn, args=(random.Random(rng0.getrandbits(32)),))
-        for _ in range(4)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60 * max(1.0, SCALE))
-        if t.is_alive():
-            tr.violation("a thread opening and closing pools hung")
+    _churn_in_threads(tr, 4, rounds, one_pool, rng0)
     long.finish()
     long.ex.shutdown(wait=True)
     tr.verify_all()
@@ -547,22 +524,7 @@ def test_daemons_die_with_their_own_pool_only(seed: int) -> None:
         if dead:
             tr.violation(f"daemons {dead} of the long-lived pool died when another pool closed")
 
-    def churn(rng: random.Random) -> None:
-        for _ in range(rounds):
-            if tr.failing():
-                return
-            tr.guarded("a pool's round", one_pool, rng)
-
-    threads = [
-        threading.Thread(target=churn, args=(random.Random(rng0.getrandbits(32)),))
-        for _ in range(3)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60 * max(1.0, SCALE))
-        if t.is_alive():
-            tr.violation("a thread opening and closing pools hung")
+    _churn_in_threads(tr, 3, rounds, one_pool, rng0)
     long.finish()
     ours = list(long_daemons)
     tr.add("long_daemons", len(ours))
@@ -989,7 +951,7 @@ def test_fixed_a_result_read_in_the_round_that_broke_the_pool(tmp_path: Any) -> 
     flag, fifo_init, fifo_t = (str(tmp_path / n) for n in ("flag", "init", "t"))
     os.mkfifo(fifo_init)
     os.mkfifo(fifo_t)
-    crashes_before = len(_crashes)
+    crashes_before = len(crashes)
     ex = NSPoolExecutor(2, initializer=_init_fails_if, initargs=(flag, fifo_init), max_batch=1)
     engine = ex._engine
     try:
@@ -1015,9 +977,9 @@ def test_fixed_a_result_read_in_the_round_that_broke_the_pool(tmp_path: Any) -> 
         ex.kill_workers()
     assert isinstance(u.exception(WAIT), nspool.PoolInitializerError)
     assert outcome(t)[0] in ("result", "error")
-    crashes = _crashes[crashes_before:]
-    del _crashes[crashes_before:]  # this test's own verdict, not a later test's
-    assert not crashes, crashes
+    seen = crashes[crashes_before:]
+    del crashes[crashes_before:]  # this test's own verdict, not a later test's
+    assert not seen, seen
 
 
 def select_readable(fd: int) -> bool:

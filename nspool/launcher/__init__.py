@@ -6,3 +6,14 @@ namespace, explains failures), ``_forkserver`` (PID 1 of the pool namespace, for
 ``_taskloop`` (its only child, an ordinary process that runs the tasks); plus ``_syscalls``
 (unshare/setns/prctl/mount/ns_last_pid) and ``_explain`` (what a refusal means).
 """
+
+from __future__ import annotations
+
+import sys
+
+
+def add_sys_path(paths: list[str]) -> None:
+    """Put the program's import path entries we lack in front of ours, in its order."""
+    for path in reversed(paths):
+        if path not in sys.path:
+            sys.path.insert(0, path)

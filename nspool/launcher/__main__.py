@@ -15,7 +15,7 @@ import sys
 from typing import TYPE_CHECKING, NoReturn
 
 from .._protocol import Control, Ctl, encode_control
-from . import _syscalls
+from . import _syscalls, add_sys_path
 from ._explain import explain_unshare_error
 
 if TYPE_CHECKING:
@@ -31,9 +31,7 @@ def main() -> NoReturn:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    for path in reversed(config.get("sys_path", [])):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    add_sys_path(config.get("sys_path", []))
 
     # The pool's cgroups, made here with the program's own credentials and in the host's PID
     # namespace (so that stale subtrees can be told by their owner's PID), before the user

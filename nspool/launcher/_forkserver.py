@@ -35,7 +35,7 @@ from .._protocol import (
     decode_control,
     encode_control,
 )
-from . import _syscalls
+from . import _syscalls, add_sys_path
 from ._explain import explain_private_proc
 from ._taskloop import WorkerOptions, mount_private_proc
 
@@ -450,13 +450,6 @@ def _getcwd() -> str | None:
         return os.getcwd()
     except OSError:
         return None
-
-
-def add_sys_path(paths: list[str]) -> None:
-    """Put the program's import path entries we lack in front of ours, in its order."""
-    for path in reversed(paths):
-        if path not in sys.path:
-            sys.path.insert(0, path)
 
 
 def _die(signum: int, frame: object) -> None:
