@@ -281,7 +281,7 @@ def _shared_launcher() -> set[int]:
     from nspool import _launcher_share
 
     process = _launcher_share.current()
-    return set() if process is None else {process.pid, process.forkserver_pid}
+    return set() if process is None else process.pids()
 
 
 def leftovers() -> list[Any]:

@@ -147,6 +147,14 @@ def _pool_options(config: LaunchConfig) -> dict[str, object]:
     }
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
 def _is_open(fd: int) -> bool:
     try:
         os.fstat(fd)
@@ -179,7 +187,11 @@ class LauncherGone(LauncherDiedError):
 class LauncherProcess:
     """A running launcher process (the outer launcher, its fork server) and its socket."""
 
-    def __init__(self, config: LaunchConfig, start_timeout: float = 60.0) -> None:
+    def __init__(
+        self, config: LaunchConfig, start_timeout: float = 60.0, *, spare: bool = False
+    ) -> None:
+        """Start a launcher for pools like ``config``; ``spare``: its fork server keeps a
+        worker forked ahead of need (a launcher shared by many pools)."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
@@ -205,6 +217,7 @@ class LauncherProcess:
             "preload": list(config.preload),
             "sys_path": config.sys_path,
             "cgroups": config.cgroups,
+            "spare": spare,
         }
         try:
             self.proc.stdin.write(json.dumps(payload).encode())
@@ -223,6 +236,25 @@ class LauncherProcess:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def pids(self) -> set[int]:
+        """The launcher's own processes: the outer one, the fork server and its spare worker
+        (which belongs to no pool until one takes it)."""
+        own = {self.pid, self.forkserver_pid}
+        todo = _children(self.forkserver_pid)
+        while todo:
+            pid = todo.pop()
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    name = f.read().strip()
+            except OSError:
+                continue
+            # "nspool-fsrv": a worker just forked names itself as soon as it knows what it is;
+            # a pool's worker is only ever that until its SPAWN is answered.
+            if name in ("nspool-spare", "nspool-fsrv"):
+                own.add(pid)
+                todo.extend(_children(pid))
+        return own
 
     def _wait_hello(self, deadline: float) -> Control:
         msg = _await_answer(self.sock, deadline, "the nspool launcher")

@@ -60,7 +60,7 @@ def _get(config: LaunchConfig, start_timeout: float) -> LauncherProcess:
             process.close()  # gone: reap it
             process = None
         if process is None:
-            process = LauncherProcess(config, start_timeout)
+            process = LauncherProcess(config, start_timeout, spare=True)
             _shared = process
             if not _atexit_registered:
                 _atexit_registered = True

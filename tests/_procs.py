@@ -51,7 +51,31 @@ def shared_launcher_pids() -> set[int]:
     from nspool import _launcher_share
 
     process = _launcher_share.current()
-    return set() if process is None else {process.pid, process.forkserver_pid}
+    return set() if process is None else process.pids()
+
+
+def comm(pid: int) -> str:
+    """A process's name (``prctl(PR_SET_NAME)``), or "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def spare_worker() -> tuple[int, int] | None:
+    """(init, task loop) of the shared launcher's spare worker, once it is fully made."""
+    from nspool import _launcher_share
+
+    process = _launcher_share.current()
+    if process is None:
+        return None
+    for init in descendants(process.forkserver_pid):
+        if comm(init) == "nspool-spare" and _stat(init) is not None:
+            loops = [p for p, (_, ppid) in process_table().items() if ppid == init]
+            if len(loops) == 1 and comm(loops[0]) == "nspool-spare":
+                return init, loops[0]
+    return None
 
 
 def pool_processes() -> dict[int, str]:

@@ -73,14 +73,15 @@ def no_leaks(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
 
 
 def _shared_launcher_pids() -> set[int]:
-    """The program's shared launcher (its outer process and fork server) is meant to outlive
-    the pools, so the test that started it leaks nothing; its workers still count."""
+    """The program's shared launcher (its outer process, fork server and spare worker) is
+    meant to outlive the pools, so the test that started it leaks nothing; its pools' workers
+    still count."""
     from nspool import _launcher_share
 
     process = _launcher_share.current()
     if process is None:
         return set()
-    return {process.pid, process.forkserver_pid}
+    return process.pids()
 
 
 def _shared_launcher_fds() -> set[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 
@@ -27,3 +28,24 @@ def parent_pid() -> int:
     with open("/proc/self/stat", "rb") as f:
         data = f.read()
     return int(data[data.rindex(b")") + 2 :].split()[1])
+
+
+def worker_view(name: str, module: str) -> dict[str, object]:
+    """What a worker took from its pool's program (an environment variable, the working
+    directory, a module found on its import path), its parent's host PID, and the kinds of the
+    fds it holds (``pipe``, ``socket``, ``/dev/null``...; numbers vary between workers)."""
+    __import__(module)
+    kinds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the listing's own fd, closed by now
+        kinds.append(re.sub(r"\d+", "N", target.split("[")[0].rstrip(":")))
+    return {
+        "env": os.environ.get(name),
+        "cwd": os.getcwd(),
+        "value": sys.modules[module].VALUE,  # type: ignore[attr-defined]
+        "parent": parent_pid(),
+        "fds": sorted(kinds),
+    }

@@ -13,7 +13,16 @@ import anyio
 import pytest
 import tasks
 import tasks_shared
-from _procs import alive, descendants, pool_processes, shared_launcher_pids, wait_for, wait_gone
+from _procs import (
+    alive,
+    comm,
+    descendants,
+    pool_processes,
+    shared_launcher_pids,
+    spare_worker,
+    wait_for,
+    wait_gone,
+)
 
 import nspool
 from nspool import NSPoolExecutor, _launcher_share
@@ -200,3 +209,92 @@ def test_a_program_that_exits_takes_its_shared_launcher_with_it(tmp_path: Path) 
     ).stdout.split()
     launcher, daemon = int(out[0]), int(out[1])
     assert not wait_gone([launcher, daemon], 10)
+
+
+# -- the spare worker ---------------------------------------------------------------------------
+# The shared launcher keeps one worker forked ahead of need; a new pool's first worker is that
+# one (no fork while the program waits), and another spare is forked once the launcher is idle.
+
+
+def _wait_spare(other_than: int | None = None) -> tuple[int, int]:
+    """The spare worker's (init, task loop), once there is one (not ``other_than``'s)."""
+    found: list[tuple[int, int]] = []
+
+    def there() -> bool:
+        spare = spare_worker()
+        if spare is not None and spare[0] != other_than:
+            found.append(spare)
+            return True
+        return False
+
+    assert wait_for(there, 10), "the shared launcher has no spare worker"
+    return found[-1]
+
+
+def test_a_new_pools_first_worker_is_the_spare_and_a_new_spare_follows() -> None:
+    with NSPoolExecutor(1) as first:
+        first.submit(tasks.square, 1).result()  # the shared launcher runs
+        init, loop = _wait_spare()
+        assert init not in pool_processes() and loop not in pool_processes()
+        with NSPoolExecutor(2) as second:
+            assert second.submit(tasks_shared.parent_pid).result() == init
+            assert second.worker_pids() == [loop]
+            assert (comm(init), comm(loop)) == ("nspool-init", "nspool-worker")
+            assert {init, loop} <= set(pool_processes())  # the pool's now, no longer spare
+            new_init, new_loop = _wait_spare(other_than=init)
+            # The pool's second worker is forked for it; the new spare waits for a new pool.
+            both = [second.submit(tasks.sleep_then_square, 0.3, i) for i in range(2)]
+            assert [f.result(timeout=30) for f in both] == [0, 1]
+            assert len(second.worker_pids()) == 2 and new_loop not in second.worker_pids()
+            assert spare_worker() == (new_init, new_loop)
+        # Closed with its pool, as any worker; the new spare stays for the next pool.
+        assert not wait_gone([init, loop], 10)
+        assert spare_worker() == (new_init, new_loop)
+
+
+def test_a_worker_from_the_spare_is_made_as_a_forked_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with NSPoolExecutor(1) as first:
+        first.submit(tasks.square, 1).result()
+        init, _ = _wait_spare()
+        (tmp_path / "spare_marker_mod.py").write_text("VALUE = 'found'\n")
+        monkeypatch.setenv("NSPOOL_SPARE_TEST", "pool's")
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        # One task per worker: the first worker is the spare, the second is forked for it.
+        with NSPoolExecutor(1, max_tasks_per_child=1) as pool:
+            views = [
+                pool.submit(
+                    tasks_shared.worker_view, "NSPOOL_SPARE_TEST", "spare_marker_mod"
+                ).result()
+                for _ in range(2)
+            ]
+            pool.submit(tasks_shared.write_to_stderr, "from-a-spare-made-pool\n").result()
+    spare_made, forked = views
+    assert spare_made["parent"] == init and forked["parent"] != init
+    for view in views:
+        assert (view["env"], view["cwd"], view["value"]) == ("pool's", str(tmp_path), "found")
+    # The same fds, kind by kind: nothing of the hand-over (its sockets, the state block's fd,
+    # the rehearsal's pipes) stays open in a worker made from the spare.
+    assert spare_made["fds"] == forked["fds"]
+    assert "socket" not in spare_made["fds"]
+    assert "from-a-spare-made-pool" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("victim", ["init", "task loop"])
+def test_a_dead_spare_costs_the_next_pool_a_fork_only(victim: str) -> None:
+    with NSPoolExecutor(1) as first:
+        first.submit(tasks.square, 1).result()
+        init, loop = _wait_spare()
+        os.kill(init if victim == "init" else loop, signal.SIGKILL)
+        assert not wait_gone([init, loop], 10)  # its init exits when its loop dies
+        assert spare_worker() is None  # and none is forked until a pool asks
+        with NSPoolExecutor(1) as second:
+            assert second.submit(tasks_shared.parent_pid).result() != init
+            assert second.submit(tasks.square, 4).result() == 16
+            # The pool found no spare: one is made for the next pool.
+            new_init, _ = _wait_spare()
+        with NSPoolExecutor(1) as third:
+            assert third.submit(tasks_shared.parent_pid).result() == new_init
+        assert first.submit(tasks.square, 5).result() == 25

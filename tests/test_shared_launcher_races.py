@@ -52,7 +52,15 @@ from typing import Any
 import anyio
 import pytest
 import tasks
-from _procs import alive, descendants, outcome, pool_processes, wait_for, wait_gone
+from _procs import (
+    alive,
+    descendants,
+    outcome,
+    pool_processes,
+    shared_launcher_pids,
+    wait_for,
+    wait_gone,
+)
 from _racing import (  # noqa: F401 - fixtures used by name
     SCALE,
     crashes,
@@ -250,8 +258,12 @@ def check_nothing_left(tr: Tracker, fsrv: int) -> None:
     thread (polled, bounded: pools closed with wait=False finish on their own)."""
     if not wait_for(lambda: not pool_processes(), GONE):
         tr.violation(f"pool processes left after every pool closed: {pool_processes()}")
-    if not wait_for(lambda: not descendants(fsrv), GONE):
-        tr.violation(f"the fork server still has descendants: {descendants(fsrv)}")
+
+    def workers() -> set[int]:
+        return set(descendants(fsrv)) - shared_launcher_pids()  # but its spare
+
+    if not wait_for(lambda: not workers(), GONE):
+        tr.violation(f"the fork server still has workers: {workers()}")
     if not wait_for(lambda: not io_threads(), GONE):
         tr.violation(f"I/O threads still running: {io_threads()}")
 

@@ -35,7 +35,7 @@ from .._protocol import (
     decode_control,
     encode_control,
 )
-from . import _syscalls, add_sys_path
+from . import _handover, _syscalls, add_sys_path
 from ._explain import explain_private_proc
 from ._taskloop import WorkerOptions, mount_private_proc
 
@@ -51,7 +51,7 @@ _MAX_LAUNCHER_MESSAGE = 1 << 20
 class Pool:
     """The fork server's side of one pool the program opened (``NEW_POOL``)."""
 
-    __slots__ = ("sock", "options", "setup", "stdio", "workers", "closing")
+    __slots__ = ("sock", "options", "setup", "stdio", "workers", "closing", "started")
 
     def __init__(
         self,
@@ -70,6 +70,8 @@ class Pool:
         #: the program shut its end: the pool's workers are being killed; the socket is closed
         #: (the program's EOF: "all gone") once the last is reaped
         self.closing = False
+        #: a worker of the pool has been started (its first one gets the spare, if any)
+        self.started = False
 
 
 class Worker:
@@ -86,12 +88,30 @@ class Worker:
         self.out_of_memory = False  # killed by us for running out of memory
 
 
+class Spare(NamedTuple):
+    """A worker forked ahead of need (its init, PID 1 of its namespace, and its task loop),
+    that no pool has yet: the next pool's first worker, which the program waits for to see
+    anything run, costs no fork then. A pool's later workers are forked as they are asked
+    for: a spare for each would add hand-over work to every worker (``max_tasks_per_child``
+    churn is bound by CPU) and take nothing off a wait that another worker does not cover."""
+
+    pid: int
+    #: where its init and its task loop each wait for their part of a pool (``_handover``)
+    init_sock: socket.socket
+    loop_sock: socket.socket
+
+    def close(self) -> None:
+        self.init_sock.close()
+        self.loop_sock.close()
+
+
 class ForkServer:
     def __init__(
         self,
         ctrl: socket.socket,
         lifeline: int,
         cgroups: PoolCgroups | None = None,
+        spare: bool = False,
     ) -> None:
         #: the launcher's socket: NEW_POOL requests; its EOF (the program is gone) ends us
         self.ctrl = ctrl
@@ -104,6 +124,11 @@ class ForkServer:
         self.oom_fds: dict[int, Worker] = {}  # eventfd -> worker
         self.unremoved: list[WorkerCgroup] = []  # dead workers' cgroups still busy
         self.serial = 0  # names workers' cgroups: pools number their workers each from 1
+        #: keep a spare worker (launchers without cgroups: a worker's cgroup is made for it)
+        self.keeps_spare = spare and cgroups is None
+        self.spare: Spare | None = None
+        #: fork a spare when the loop has nothing else to do: at start, after each hand-over
+        self.spare_wanted = self.keeps_spare
         self.private_proc_error: str | None = None
         self.private_proc_probed = False
         # Our own PID namespace, to return to after each unshare (see DESIGN.md section 2).
@@ -128,7 +153,13 @@ class ForkServer:
         poller.register(self.lifeline, select.POLLIN)
         poller.register(self.wake_r, select.POLLIN)
         while True:
-            for fd, _ in poller.poll(_REMOVE_RETRY_MS if self.unremoved else None):
+            timeout = _REMOVE_RETRY_MS if self.unremoved else None
+            if self.spare_wanted:
+                timeout = 0
+            events = poller.poll(timeout)
+            if not events and self.spare_wanted:
+                self.make_spare()
+            for fd, _ in events:
                 if fd == self.wake_r:
                     os.read(self.wake_r, 4096)
                     self.reap()
@@ -286,6 +317,12 @@ class ForkServer:
                 pool, Control(Ctl.SPAWN_FAILED, wid, 0, f"SPAWN carried {len(fds)} fds, not 4")
             )
             return
+        if not pool.started and self.keeps_spare:
+            if self.spare is not None and self.hand_over(pool, wid, fds):
+                return
+            # None was there (it died, or could not be made): one for the next pool, made
+            # once per pool at most, so a spare that cannot live costs no fork loop.
+            self.spare_wanted = True
         cgroup = oom_fd = None
         try:
             if self.cgroups is not None:
@@ -306,13 +343,93 @@ class ForkServer:
             self._become_init(pool, fds, cgroup)
         for fd in fds:
             os.close(fd)
-        worker = Worker(pool, wid, pid, cgroup)
-        self.workers[pid] = worker
-        pool.workers[wid] = worker
+        worker = self.add_worker(pool, wid, pid, cgroup)
         if oom_fd is not None:
             worker.oom_fd = oom_fd
             self.oom_fds[oom_fd] = worker
             self.poller.register(oom_fd, select.POLLIN)
+
+    def add_worker(self, pool: Pool, wid: int, pid: int, cgroup: WorkerCgroup | None) -> Worker:
+        worker = Worker(pool, wid, pid, cgroup)
+        self.workers[pid] = worker
+        pool.workers[wid] = worker
+        pool.started = True
+        return worker
+
+    def make_spare(self) -> None:
+        """Fork the spare worker (once per want: a failure waits for the next SPAWN)."""
+        self.spare_wanted = False
+        if self.spare is not None:
+            return
+        init_ours, init_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        loop_ours, loop_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = self.fork_pid1()
+        except OSError:
+            for sock in (init_ours, init_theirs, loop_ours, loop_theirs):
+                sock.close()
+            return
+        if pid == 0:
+            try:
+                init_ours.close()
+                loop_ours.close()
+                self._leave_launcher()
+                _syscalls.set_process_name("nspool-spare")
+                from . import _init
+
+                _init.run_spare(init_theirs, loop_theirs)
+            except BaseException:  # noqa: BLE001 - say why; nobody waits for a spare
+                traceback.print_exc()
+            finally:
+                os._exit(70)
+        init_theirs.close()
+        loop_theirs.close()
+        self.spare = Spare(pid, init_ours, loop_ours)
+
+    def hand_over(self, pool: Pool, wid: int, fds: list[int]) -> bool:
+        """Make the spare worker ``pool``'s worker ``wid``; False if it is gone (the caller
+        forks one instead)."""
+        spare, self.spare = self.spare, None
+        assert spare is not None
+        task_fd, result_fd, stop_fd, state_fd = fds
+        stdio = [fd for fd, _ in pool.stdio]
+        targets = [target for _, target in pool.stdio]
+        try:
+            # The init's part first: a loop that dies at once finds its init taken already
+            # (see _init._wait_for_pool). Each starts as soon as its own part arrives.
+            _handover.send(spare.init_sock, targets, [stop_fd, state_fd, *stdio])
+            _handover.send(
+                spare.loop_sock,
+                (pool.options, pool.setup, targets),
+                [task_fd, result_fd, state_fd, *stdio],
+            )
+        except OSError:
+            try:
+                os.kill(spare.pid, signal.SIGKILL)  # dying or stuck: reaped as a stranger
+            except ProcessLookupError:
+                pass
+            return False
+        finally:
+            spare.close()
+        for fd in fds:
+            os.close(fd)
+        self.add_worker(pool, wid, spare.pid, None)
+        self.spare_wanted = True
+        return True
+
+    def _leave_launcher(self) -> None:
+        """In a new worker: close everything of the launcher's and of the pools' (none may stay
+        open in a worker), and take back the launcher's signal handlers."""
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        self.ctrl.close()
+        for other in self.pools.values():
+            self.release(other)
+        if self.spare is not None:
+            self.spare.close()
+        for fd in (self.lifeline, self.wake_r, self.wake_w, self.own_pidns, *self.oom_fds):
+            os.close(fd)
 
     def _become_init(self, pool: Pool, fds: list[int], cgroup: WorkerCgroup | None) -> NoReturn:
         try:
@@ -320,17 +437,9 @@ class ForkServer:
                 assert self.cgroups is not None
                 # First, before this process forks anything: its tree is the cgroup's.
                 self.cgroups.attach(cgroup)
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
-                signal.signal(sig, signal.SIG_DFL)
-            # Nothing of the launcher's or of other pools' may stay open in a worker.
-            self.ctrl.close()
             for fd, target in pool.stdio:
                 os.dup2(fd, target)  # the program's stdout/stderr as the pool found them
-            for other in self.pools.values():
-                self.release(other)
-            for fd in (self.lifeline, self.wake_r, self.wake_w, self.own_pidns, *self.oom_fds):
-                os.close(fd)
+            self._leave_launcher()
             for fd in fds:
                 os.set_inheritable(fd, False)
             pool.setup.apply()
@@ -379,6 +488,9 @@ class ForkServer:
                 break
             worker = self.workers.pop(pid, None)
             if worker is None:
+                if self.spare is not None and self.spare.pid == pid:
+                    self.spare.close()  # died waiting: the next SPAWN forks a new one
+                    self.spare = None
                 continue
             pool = worker.pool
             del pool.workers[worker.wid]
@@ -498,7 +610,7 @@ def run(
                 os._exit(1)
         import multiprocessing.process  # noqa: F401 - workers set the pool's authkey in it
 
-        server = ForkServer(ctrl, lifeline, cgroups)
+        server = ForkServer(ctrl, lifeline, cgroups, spare=bool(config.get("spare")))
         # Every object so far lives as long as this process: out of the collector's sight,
         # a worker's collections do not touch (so copy) the pages they share with us.
         gc.freeze()

@@ -20,9 +20,10 @@ import mmap
 import os
 import select
 import signal
+import socket
 import time
 import traceback
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._protocol import (
     STATE_SIZE,
@@ -32,7 +33,7 @@ from .._protocol import (
     StopReason,
     decode_init_msgs,
 )
-from . import _syscalls
+from . import _handover, _syscalls
 
 if TYPE_CHECKING:
     from .._cgroups import PoolCgroups, WorkerCgroup
@@ -181,6 +182,27 @@ class Init:
         os._exit(0)
 
 
+def _prepare() -> tuple[int, int, int, int]:
+    """Our pipes (notify from the loop, wake on SIGCHLD) and the next PID, before the loop's
+    fork: (notify_r, notify_w, wake_r, wake_w)."""
+    notify_r, notify_w = os.pipe()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, _noop)  # only to wake our polls (set_wakeup_fd)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    # The task loop gets our host PID as its PID in here: unique among live workers on the
+    # machine (our host PID is ours alone), so pid-named files never collide.
+    _syscalls.set_next_pid(int(os.readlink("/proc/self")))
+    return notify_r, notify_w, wake_r, wake_w
+
+
+def _map_state(state_fd: int) -> StateBlock:
+    state_map = mmap.mmap(state_fd, STATE_SIZE)
+    os.close(state_fd)
+    return StateBlock(state_map)
+
+
 def run(
     task_fd: int,
     result_fd: int,
@@ -191,18 +213,8 @@ def run(
 ) -> NoReturn:
     """Body of a new worker namespace's PID 1 (just forked by the fork server)."""
     try:
-        state_map = mmap.mmap(state_fd, STATE_SIZE)
-        os.close(state_fd)
-        state = StateBlock(state_map)
-        notify_r, notify_w = os.pipe()
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
-        signal.signal(signal.SIGCHLD, _noop)  # only to wake the poll below (set_wakeup_fd)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        # The task loop gets our host PID as its PID in here: unique among live workers on
-        # the machine (our host PID is ours alone), so pid-named files never collide.
-        _syscalls.set_next_pid(int(os.readlink("/proc/self")))
+        state = _map_state(state_fd)
+        notify_r, notify_w, wake_r, wake_w = _prepare()
         loop = os.fork()
         if loop == 0:
             signal.set_wakeup_fd(-1)
@@ -218,3 +230,77 @@ def run(
     except BaseException:  # noqa: BLE001 - a bug here: say so; exiting kills the namespace
         traceback.print_exc()
     os._exit(70)
+
+
+def run_spare(sock: socket.socket, loop_sock: socket.socket) -> NoReturn:
+    """Body of a spare worker's PID 1: fork the task loop now (it waits on ``loop_sock``),
+    then wait on ``sock`` for the pool that takes us (see ``_handover``). Exit if the fork
+    server closes it first, or if the loop dies before a pool took us."""
+    try:
+        notify_r, notify_w, wake_r, wake_w = _prepare()
+        loop = os.fork()
+        if loop == 0:
+            signal.set_wakeup_fd(-1)
+            sock.close()
+            for fd in (notify_r, wake_r, wake_w):
+                os.close(fd)
+            from . import _taskloop
+
+            _taskloop.run_spare(loop_sock, notify_w)
+        loop_sock.close()
+        os.close(notify_w)
+
+        def relay(signum: int, frame: object) -> None:
+            try:
+                os.kill(loop, signum)
+            except ProcessLookupError:
+                pass
+
+        for sig in RELAYED:  # as Init does, until it does
+            signal.signal(sig, relay)
+        loop_status, (targets, fds) = _wait_for_pool(sock, wake_r, loop)
+        sock.close()
+        stop_fd, state_fd, *stdio = fds
+        for fd, target in zip(stdio, targets, strict=True):
+            os.dup2(fd, target)  # our own tracebacks go where the pool's workers write
+            os.close(fd)
+        state = _map_state(state_fd)
+        _syscalls.set_process_name("nspool-init")
+        init = Init(loop, stop_fd, notify_r, wake_r, state)
+        init.loop_status = loop_status
+        init.serve()
+    except BaseException:  # noqa: BLE001 - a bug here: say so; exiting kills the namespace
+        traceback.print_exc()
+    os._exit(70)
+
+
+def _wait_for_pool(
+    sock: socket.socket, wake_r: int, loop: int
+) -> tuple[int | None, tuple[Any, list[int]]]:
+    """Block until the fork server hands us to a pool: (the loop's wait status if it died
+    meanwhile, the fds it sent). Exit (our namespace with us) if it closes our socket first,
+    or if the loop dies with no pool's hand-over waiting (the server drops a spare that
+    exits; it sends ours before the loop's, so a loop that died as a pool's worker finds
+    ours here)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    loop_status = None
+    while True:
+        events = poller.poll()
+        for fd, _ in events:
+            if fd == wake_r:
+                try:
+                    os.read(wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                pid, status = os.waitpid(loop, os.WNOHANG)
+                if pid:
+                    loop_status = status
+        if any(fd == sock.fileno() for fd, _ in events):
+            got = _handover.receive(sock)
+            if got is None:
+                os._exit(0)
+            return loop_status, got
+        if loop_status is not None:
+            os._exit(0)

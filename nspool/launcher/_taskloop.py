@@ -11,9 +11,12 @@ whatever the task left running; the init reaps the orphans.
 from __future__ import annotations
 
 import atexit
+import mmap
 import os
+import pickle
 import select
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -21,19 +24,21 @@ from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from .. import _serialize, _task_errors
 from .._protocol import (
-    FrameDecoder as _FrameDecoder,
-)
-from .._protocol import (
+    STATE_SIZE,
     InitMsg,
     Kind,
     Op,
     StateBlock,
     encode_header,
     encode_init_msg,
+    encode_task_head,
     encode_usage,
     split_task,
 )
-from . import _syscalls
+from .._protocol import (
+    FrameDecoder as _FrameDecoder,
+)
+from . import _handover, _syscalls
 
 if TYPE_CHECKING:
     from .._cgroups import PoolCgroups, Usage, UsageMeter, WorkerCgroup
@@ -293,6 +298,12 @@ class TaskLoop:
                 raise RuntimeError(f"task loop got an unexpected {kind.name} frame")
 
 
+def _reset_signals() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in _DEFAULT_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def main(
     task_fd: int,
     result_fd: int,
@@ -304,9 +315,7 @@ def main(
     """Run the task loop, then exit without running the launcher's atexit handlers."""
     code = 70
     try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for sig in _DEFAULT_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+        _reset_signals()
         _syscalls.set_process_name("nspool-worker")
         # The program knows us by our PID in the host /proc: read it before a private one
         # hides it.
@@ -327,3 +336,55 @@ def main(
     finally:
         _flush_stdio()
         os._exit(code)
+
+
+def run_spare(sock: socket.socket, notify_fd: int) -> NoReturn:
+    """A spare worker's task loop: wait on ``sock`` for the fork server to hand us to a pool
+    (its options and setup, our fds), become that pool's worker and run :func:`main`."""
+    try:
+        _reset_signals()
+        _rehearse()
+        got = _handover.receive(sock)
+        if got is None:
+            os._exit(0)  # the fork server dropped us (it is gone, or so is our init)
+        sock.close()
+        (options, setup, targets), fds = got
+        task_fd, result_fd, state_fd, *stdio = fds
+        for fd, target in zip(stdio, targets, strict=True):
+            os.dup2(fd, target)  # the program's stdout/stderr as the pool found them
+            os.close(fd)
+        setup.apply()
+        state = StateBlock(mmap.mmap(state_fd, STATE_SIZE))
+        os.close(state_fd)
+    except BaseException:  # noqa: BLE001 - say why; the program sees the worker die
+        traceback.print_exc()
+        _flush_stdio()
+        os._exit(70)
+    main(task_fd, result_fd, notify_fd, state, options)
+
+
+#: the rehearsal's task, pickled once in the fork server
+_REHEARSAL_CALL = pickle.dumps((abs, (-1,), {}), _serialize.PROTOCOL)
+
+
+def _rehearse() -> None:
+    """Run a worker's first steps once, on pipes of our own: an initializer-less INIT and a
+    task calling a builtin. What the first real task touches (objects whose counts change,
+    code the interpreter specialises) is then copied from the fork server's pages here, while
+    we wait as a spare, not while a pool waits for our first result."""
+    task_r, task_w = os.pipe()
+    result_r, result_w = os.pipe()
+    try:
+        call = _REHEARSAL_CALL
+        os.write(task_w, encode_header(Kind.INIT, 0, 0))
+        os.write(task_w, encode_task_head(1, len(call), None) + call)
+        os.close(task_w)
+        task_w = -1
+        state = StateBlock(mmap.mmap(-1, STATE_SIZE))
+        loop = TaskLoop(task_r, result_w, -1, state, WorkerOptions(), 0)
+        loop.serve()
+        state.release()
+    finally:
+        for fd in (task_r, task_w, result_r, result_w):
+            if fd >= 0:
+                os.close(fd)
