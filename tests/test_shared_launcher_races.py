@@ -58,6 +58,7 @@ from _procs import (
     outcome,
     pool_processes,
     shared_launcher_pids,
+    spare_worker,
     wait_for,
     wait_gone,
 )
@@ -72,6 +73,7 @@ from _racing import (  # noqa: F401 - fixtures used by name
 
 import nspool
 from nspool import BrokenProcessPool, NSPoolExecutor, _launcher_share
+from nspool.errors import WorkerDiedError
 
 pytestmark = pytest.mark.timeout(max(120.0, 60.0 * SCALE))
 
@@ -915,6 +917,101 @@ def test_killing_the_shared_launcher_under_busy_pools(seed: int) -> None:
 
 
 # -- bugs found ------------------------------------------------------------------------------------
+
+
+def test_pools_race_for_the_spare_while_it_is_killed(seed: int) -> None:
+    """Threads open pools at once, so their first workers race for the launcher's one spare
+    worker, while a killer SIGKILLs the spare's init or task loop at random moments (before,
+    during or after a pool takes it). Every future settles once: with its result, or broken
+    with WorkerDiedError when the kill hit a spare its pool had taken; the launcher never
+    breaks; every pool's processes are gone at its close; pools opened after the round work
+    and the launcher has a spare again."""
+    rng0 = random.Random(seed)
+    tr = Tracker("pools_race_for_the_spare", seed)
+    allowed = {"result", "broken"}
+    with NSPoolExecutor(1) as first:
+        first.submit(tasks.square, 1).result()  # the shared launcher runs
+    proc = _launcher_share.current()
+    assert proc is not None
+    launcher = proc.pid
+
+    def one_pool(rng: random.Random, gate: threading.Barrier) -> None:
+        gate.wait(WAIT)
+        with NSPoolExecutor(rng.randint(1, 3)) as ex:
+            if ex.launcher_pid != launcher:
+                tr.violation(f"a pool got launcher {ex.launcher_pid}, not {launcher}")
+            recs = [submit_quick(ex, rng, tr, allowed, "pool") for _ in range(rng.randint(1, 4))]
+            tr.wait_settled(recs)
+
+    def killer(rng: random.Random, gate: threading.Barrier, spare: tuple[int, int]) -> None:
+        gate.wait(WAIT)
+        # Around the moment the pools ask for their first workers: before, during or after
+        # the hand-over of this spare to one of them.
+        time.sleep(rng.choice([0.0, rng.uniform(0, 0.002), rng.uniform(0.002, 0.006)]))
+        try:
+            os.kill(rng.choice(spare), signal.SIGKILL)
+            tr.add("spare_kills")
+        except ProcessLookupError:
+            tr.add("spare_gone_before_kill")
+
+    for _ in range(scaled(150)):
+        if tr.failing():
+            break
+        rng = random.Random(rng0.getrandbits(32))
+        if not wait_for(lambda: spare_worker() is not None, WAIT):
+            tr.violation("no spare worker before a round")
+            break
+        spare = spare_worker()
+        assert spare is not None
+        openers = rng.randint(1, 3)
+        gate = threading.Barrier(openers + 1)
+        threads = [
+            threading.Thread(
+                target=tr.guarded,
+                args=("a pool", one_pool, random.Random(rng.getrandbits(32)), gate),
+            )
+            for _ in range(openers)
+        ]
+        threads.append(
+            threading.Thread(
+                target=tr.guarded,
+                args=("the killer", killer, random.Random(rng.getrandbits(32)), gate, spare),
+            )
+        )
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT * 3)
+            if t.is_alive():
+                tr.violation("a thread of the round hung")
+        if not wait_for(lambda: not pool_processes(), GONE):
+            tr.violation(f"pool processes left after a round: {pool_processes()}")
+    # After it all: the launcher is the same one, and a new pool gets its spare.
+    if wait_for(lambda: spare_worker() is not None, WAIT):
+        spare = spare_worker()
+        with NSPoolExecutor(1) as after:
+            token = next(_tokens)
+            r = tr.track(after.submit(tasks.square, token), token * token, {"result"}, "after")
+            tr.wait_settled([r])
+            if after.launcher_pid != launcher:
+                tr.violation("the launcher changed under the kills")
+            if spare is not None and spare[1] not in after.worker_pids():
+                tr.violation("the pool opened after the rounds did not get the spare")
+    else:
+        tr.violation("no spare worker after the rounds")
+    tr.verify_all()
+    for r in tr.recs:
+        if r.fut.done() and not r.fut.cancelled():
+            exc = r.fut.exception()
+            if exc is not None and not isinstance(exc, WorkerDiedError):
+                tr.violation(f"future #{r.i} failed with {exc!r}, not a worker's death")
+    check_nothing_left(tr, proc.forkserver_pid)
+    if not tr.failing() and scaled(150) >= 100:
+        # Both sides of the race: kills of a spare no pool had (every future of the round
+        # returns) and of one a pool had taken (its futures break).
+        if not tr.c["pool:broken"] or not tr.c["pool:result"]:
+            tr.violation(f"the kills never raced a hand-over: {dict(tr.c)}")
+    tr.report()
 
 
 def test_fixed_trio_reader_of_a_pipe_closed_before_it_started() -> None:
