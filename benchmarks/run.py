@@ -75,6 +75,7 @@ def _measure(bench: Bench, peer: SyncPeer | AsyncPeer, cfg: Config, rep: int) ->
 
 
 def run_bench(bench: Bench, cfg: Config, log: Callable[[str], None]) -> BenchResult:
+    import random
     import time
 
     from benchmarks._peers import async_peers, settle, sync_peers
@@ -101,8 +102,11 @@ def run_bench(bench: Bench, cfg: Config, log: Callable[[str], None]) -> BenchRes
                 table.values[peer.name] = {m.key: [] for m in table.metrics}
         reps = cfg.pick(*bench.repeats)
         for rep in range(-1 if bench.prime else 0, reps):
-            shift = rep % len(active) if active else 0  # rotate the order: drift hits all alike
-            for peer in active[shift:] + active[:shift]:
+            # A new order each repeat (seeded: runs compare): drift hits all alike, and no
+            # peer always follows the same one (whose shutdown may leave the machine cold).
+            order = list(active)
+            random.Random(f"{bench.name}/{kind}/{rep}").shuffle(order)
+            for peer in order:
                 t = time.monotonic()
                 figures: Figures = {}
                 try:

@@ -4,7 +4,8 @@ Its pieces, one file per process role: ``__main__`` (the outer process: creates 
 namespace, explains failures), ``_forkserver`` (PID 1 of the pool namespace, forks workers),
 ``_init`` (PID 1 of a worker namespace: reaps, stops tasks exactly, relays signals) and
 ``_taskloop`` (its only child, an ordinary process that runs the tasks); plus ``_syscalls``
-(unshare/setns/prctl/mount/ns_last_pid) and ``_explain`` (what a refusal means).
+(unshare/setns/prctl/mount/ns_last_pid), ``_explain`` (what a refusal means) and
+``_handover`` (the message that gives the fork server's spare worker to a pool).
 """
 
 from __future__ import annotations
