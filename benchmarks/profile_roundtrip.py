@@ -182,9 +182,9 @@ def _install_worker_hooks() -> None:
         rec[W["run1"]] = now()
         return out
 
-    def send(self: Any, kind: Any, ident: int, payload: Any = b"") -> None:
+    def send(self: Any, kind: Any, ident: int, payload: Any = b"", before: bytes = b"") -> None:
         rec[W["send0"]] = now()
-        real_send(self, kind, ident, payload)
+        real_send(self, kind, ident, payload, before)
         rec[W["send1"]] = now()
         _commit(NW, W["index"])
 
