@@ -68,6 +68,13 @@ def spawn_tree(children: int) -> list[int]:
     return pids + [spawn_daemon()]
 
 
+def touch_then_sleep_forever(path: str) -> None:
+    """Say "started" (create ``path``), then block until killed."""
+    with open(path, "w"):
+        pass
+    sleep_forever()
+
+
 def sleep_forever() -> None:
     while True:
         time.sleep(1000)

@@ -8,6 +8,7 @@ import threading
 import time
 from concurrent.futures import CancelledError, Future, TimeoutError, wait
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -333,13 +334,16 @@ def test_cancelled_future_result_raises() -> None:
 # -- hard cancel and deadlines ----------------------------------------------------------------
 
 
-def test_future_kill_stops_a_running_task_and_its_tree() -> None:
+def test_future_kill_stops_a_running_task_and_its_tree(tmp_path: Path) -> None:
     from _procs import descendants, wait_for, wait_gone
 
+    started = tmp_path / "started"
     with NSPoolExecutor(2, kill_leftovers=False) as pool:
         tree = pool.submit(tasks.spawn_tree, 5).result()
-        victim = pool.submit(tasks.sleep_forever)
-        assert wait_for(victim.running, 10)
+        victim = pool.submit(tasks.touch_then_sleep_forever, str(started))
+        # Started in the worker, not only sent (what running() says): a task killed before
+        # it starts is skipped, and the earlier task's tree (kill_leftovers=False) lives on.
+        assert wait_for(started.exists, 10)
         assert wait_for(lambda: len(pool.worker_pids()) >= 1, 10)
         tree_before = set(descendants())
         assert set(tree) <= tree_before
