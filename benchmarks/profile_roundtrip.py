@@ -23,6 +23,7 @@ Standard library and nspool only.
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import mmap
 import os
@@ -116,6 +117,14 @@ def probe(i: int) -> int:
     _W[W["index"]] = i
     _W[W["fn1"]] = now()
     return i
+
+
+def _unlink_quietly(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _map_shared(path: str) -> memoryview:
@@ -485,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     total = args.rounds * (args.calls + args.warmup)
     wpath = _shm_file("nspool-prof-w-", total * NW * 8)
     fpath = _shm_file("nspool-prof-f-", total * NF * 8)
+    atexit.register(_unlink_quietly, wpath, fpath)  # also when a run fails half-way
     os.environ[ENV_SHM] = wpath
     os.environ[ENV_PROGRAM] = str(os.getpid())
     load = os.getloadavg()
@@ -565,8 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     fshm = _map_shared(fpath)
     wrecs = [list(wshm[i * NW : (i + 1) * NW]) for i in range(total)]
     frecs = [list(fshm[i * NF : (i + 1) * NF]) for i in range(total)]
-    for path in (wpath, fpath):
-        os.unlink(path)
+    _unlink_quietly(wpath, fpath)
 
     calls = [
         (p, w) for p, w in zip(prog.records, wrecs, strict=True) if p[P["t0"]] and w[W["send1"]]

@@ -39,6 +39,7 @@ import struct
 import tempfile
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -179,6 +180,8 @@ class Marks:
         shm = "/dev/shm"
         where = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
         self.dir = tempfile.mkdtemp(prefix="nspool-race-", dir=where)
+        # Removed at close, or when the test that made it fails first (or at exit).
+        self._remove = weakref.finalize(self, shutil.rmtree, self.dir, True)
         self.path = os.path.join(self.dir, "marks")
         self.capacity = capacity
         with open(self.path, "wb") as f:
@@ -194,7 +197,7 @@ class Marks:
 
     def close(self) -> None:
         self.m.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._remove()
 
 
 def duration(rng: random.Random, hi: float) -> float:
