@@ -54,3 +54,14 @@ def thread_crashes() -> Iterator[None]:
 def seed_fixture() -> int:
     env = os.environ.get("NSPOOL_RACE_SEED")
     return int(env) if env else random.SystemRandom().getrandbits(32)
+
+
+def run_threads(threads: list[threading.Thread], timeout: float) -> int:
+    """Start ``threads``, then join each for at most ``timeout`` seconds; how many hung."""
+    for t in threads:
+        t.start()
+    hung = 0
+    for t in threads:
+        t.join(timeout)
+        hung += t.is_alive()
+    return hung

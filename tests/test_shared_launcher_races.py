@@ -66,6 +66,7 @@ from _racing import (  # noqa: F401 - fixtures used by name
     SCALE,
     crashes,
     frequent_thread_switches,
+    run_threads,
     scaled,
     seed_fixture,
     thread_crashes,
@@ -270,6 +271,13 @@ def check_nothing_left(tr: Tracker, fsrv: int) -> None:
         tr.violation(f"I/O threads still running: {io_threads()}")
 
 
+def check_same_launcher(tr: Tracker, shared: int) -> None:
+    """The program's shared launcher is still the one (PID ``shared``) its pools began on."""
+    now = _launcher_share.current()
+    if now is None or now.pid != shared:
+        tr.violation(f"the shared launcher changed: {shared} -> {now and now.pid}")
+
+
 class LongLived:
     """A pool on the shared launcher whose ``feeders`` threads keep running tasks until
     :meth:`finish`; every one of them must return its own result. With ``daemons`` (a list),
@@ -396,12 +404,8 @@ def _churn_in_threads(
         threading.Thread(target=churn, args=(random.Random(rng0.getrandbits(32)),))
         for _ in range(threads)
     ]
-    for t in started:
-        t.start()
-    for t in started:
-        t.join(60 * max(1.0, SCALE))
-        if t.is_alive():
-            tr.violation("a thread opening and closing pools hung")
+    if run_threads(started, 60 * max(1.0, SCALE)):
+        tr.violation("a thread opening and closing pools hung")
 
 
 def test_pools_open_and_close_from_threads_beside_a_long_lived_pool(seed: int) -> None:
@@ -461,9 +465,7 @@ def test_pools_open_and_close_from_threads_beside_a_long_lived_pool(seed: int) -
     long.ex.shutdown(wait=True)
     tr.verify_all()
     check_nothing_left(tr, fsrv)
-    now = _launcher_share.current()
-    if now is None or now.pid != shared:
-        tr.violation(f"the shared launcher changed: {shared} -> {now and now.pid}")
+    check_same_launcher(tr, shared)
     tr.report()
 
 
@@ -777,9 +779,7 @@ async def test_async_pools_open_and_close_concurrently_beside_a_long_lived_one(
             tr.violation(f"the long-lived pool's workers changed: {long_workers} -> {now}")
     log.verify()
     check_nothing_left(tr, fsrv)
-    current = _launcher_share.current()
-    if current is None or current.pid != shared:
-        tr.violation(f"the shared launcher changed: {shared} -> {current and current.pid}")
+    check_same_launcher(tr, shared)
     tr.report()
 
 
@@ -978,12 +978,8 @@ def test_pools_race_for_the_spare_while_it_is_killed(seed: int) -> None:
                 args=("the killer", killer, random.Random(rng.getrandbits(32)), gate, spare),
             )
         )
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(WAIT * 3)
-            if t.is_alive():
-                tr.violation("a thread of the round hung")
+        if run_threads(threads, WAIT * 3):
+            tr.violation("a thread of the round hung")
         if not wait_for(lambda: not pool_processes(), GONE):
             tr.violation(f"pool processes left after a round: {pool_processes()}")
     # After it all: the launcher is the same one, and a new pool gets its spare.

@@ -7,38 +7,26 @@ with an outcome its task allows, and no wait may hang."""
 
 from __future__ import annotations
 
-import os
 import random
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any
 
 import pytest
 import tasks_race
+from _racing import (  # noqa: F401 - fixtures used by name
+    SCALE,
+    frequent_thread_switches,
+    run_threads,
+    seed_fixture,
+)
 
 from nspool import NSPoolExecutor, TaskTimeoutError, WorkerDiedError
 
-SCALE = float(os.environ.get("NSPOOL_RACE_SCALE") or 1.0)
 WAIT = 10.0  # a wait that takes this long is a hang
-
-
-@pytest.fixture(autouse=True)
-def _frequent_thread_switches() -> Iterator[None]:
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(0.0005)
-    yield
-    sys.setswitchinterval(old)
-
-
-@pytest.fixture
-def seed() -> int:
-    env = os.environ.get("NSPOOL_RACE_SEED")
-    return int(env) if env else random.SystemRandom().getrandbits(32)
 
 
 #: what each kind of task may end with
@@ -144,12 +132,8 @@ def test_waiters_collide_with_stops_crashes_and_each_other(seed: int) -> None:
             threading.Thread(target=client, args=(random.Random(rng0.getrandbits(32)),))
             for _ in range(threads)
         ]
-        for t in clients:
-            t.start()
-        for t in clients:
-            t.join(60 * max(1.0, SCALE))
-            if t.is_alive():
-                violation("a client thread hung")
+        if run_threads(clients, 60 * max(1.0, SCALE)):
+            violation("a client thread hung")
     settled_twice = {i: n for i, n in callbacks.items() if n != 1}
     total = sum(counts.values())
     print(f"seed {seed}: {total} futures waited on, by kind {dict(counts)}")

@@ -58,3 +58,11 @@ def receive(sock: socket.socket) -> tuple[Any, list[int]] | None:
         for fd in fds:
             os.close(fd)
         raise
+
+
+def take_stdio(fds: list[int], targets: list[int]) -> None:
+    """Make the received ``fds`` our stdout/stderr (``targets``: 1, 2), as the pool found
+    the program's."""
+    for fd, target in zip(fds, targets, strict=True):
+        os.dup2(fd, target)
+        os.close(fd)

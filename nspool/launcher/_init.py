@@ -261,9 +261,7 @@ def run_spare(sock: socket.socket, loop_sock: socket.socket) -> NoReturn:
         loop_status, (targets, fds) = _wait_for_pool(sock, wake_r, loop)
         sock.close()
         stop_fd, state_fd, *stdio = fds
-        for fd, target in zip(stdio, targets, strict=True):
-            os.dup2(fd, target)  # our own tracebacks go where the pool's workers write
-            os.close(fd)
+        _handover.take_stdio(stdio, targets)  # our tracebacks go where the pool's workers write
         state = _map_state(state_fd)
         _syscalls.set_process_name("nspool-init")
         init = Init(loop, stop_fd, notify_r, wake_r, state)

@@ -350,9 +350,7 @@ def run_spare(sock: socket.socket, notify_fd: int) -> NoReturn:
         sock.close()
         (options, setup, targets), fds = got
         task_fd, result_fd, state_fd, *stdio = fds
-        for fd, target in zip(stdio, targets, strict=True):
-            os.dup2(fd, target)  # the program's stdout/stderr as the pool found them
-            os.close(fd)
+        _handover.take_stdio(stdio, targets)
         setup.apply()
         state = StateBlock(mmap.mmap(state_fd, STATE_SIZE))
         os.close(state_fd)
