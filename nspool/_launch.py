@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from ._protocol import (
     STATE_SIZE,
@@ -145,6 +145,13 @@ def _pool_options(config: LaunchConfig) -> dict[str, object]:
         # (Over a socket, never the command line or the environment.)
         "authkey": bytes(multiprocessing.process.current_process().authkey).hex(),
     }
+
+
+def _raise_error(msg: Control) -> NoReturn:
+    """The launcher's ERROR answer as the exception it stands for (errno: a namespace)."""
+    if msg.value:
+        raise NamespaceError(msg.value, msg.text)
+    raise LauncherDiedError(msg.text)
 
 
 def _children(pid: int) -> list[int]:
@@ -271,9 +278,7 @@ class LauncherProcess:
             raise CgroupUnavailableError(msg.value or errno.EPERM, msg.text)
         if msg.kind is Ctl.ERROR:
             self.proc.wait()
-            if msg.value:
-                raise NamespaceError(msg.value, msg.text)
-            raise LauncherDiedError(msg.text)
+            _raise_error(msg)
         raise ProtocolError(f"unexpected {msg.kind.name} before HELLO")
 
     def open_pool(self, config: LaunchConfig, start_timeout: float, owned: bool) -> PoolLink:
@@ -306,9 +311,7 @@ class LauncherProcess:
             if msg is None:
                 raise LauncherGone("the nspool launcher is gone")
             if msg.kind is Ctl.ERROR:
-                if msg.value:
-                    raise NamespaceError(msg.value, msg.text)
-                raise LauncherDiedError(msg.text)
+                _raise_error(msg)
             if msg.kind is not Ctl.HELLO:
                 raise ProtocolError(f"unexpected {msg.kind.name} before the pool's HELLO")
         except BaseException:

@@ -254,14 +254,10 @@ class _Engine(PoolDriver):
     def unlead(self, conn: Conn) -> None:
         """Give the result pipe back to the I/O thread, or close it if it had to close."""
         conn.reader = None
-        fd = conn.result_fd
-        if fd < 0:
-            return
         if conn.close_deferred:
-            conn.result_fd = -1
-            os.close(fd)
-        else:
-            self.sel.register(fd, selectors.EVENT_READ, conn)
+            self._close_result(conn)
+        elif conn.result_fd >= 0:
+            self.sel.register(conn.result_fd, selectors.EVENT_READ, conn)
 
     def _drain_wake(self) -> None:
         self.wake_pending = False

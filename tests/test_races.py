@@ -706,7 +706,19 @@ def test_stop_pool_mid_stream(request, seed: int, stop: str) -> None:  # type: i
                             st.violation("submit_refused", f"submit raised {exc!r}")
                         return
                     mine.append(r)
-                    if srng.random() < 0.5:
+                    if srng.random() < 0.3:
+                        # Wait in result(): this thread reads the worker's pipe itself when
+                        # no other does, so the stop may land while a caller leads the reads.
+                        try:
+                            r.fut.result(SETTLE_TIMEOUT)
+                        except TaskTimeoutError:
+                            pass  # an outcome, judged with the others
+                        except cf.TimeoutError:
+                            st.violation("hang", f"result() of {r} hung through {stop}()")
+                        except BaseException:  # noqa: BLE001 - judged with the others
+                            pass
+                        st.add("waited_in_result")
+                    elif srng.random() < 0.5:
                         time.sleep(srng.uniform(0, 300e-6))  # the stream's random pace
 
             srng = random.Random(rng.getrandbits(32))
