@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copyreg
 import io
+import linecache
 import pickle
 import traceback
+import types
 from collections import ChainMap
 from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
@@ -32,8 +34,41 @@ PROTOCOL = 5
 _FD_REDUCERS: dict[type, Any] = ForkingPickler._extra_reducers  # type: ignore[attr-defined]
 
 
+_cloudpickle_code_reduce = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+def _reduce_code(code: types.CodeType) -> tuple[Any, ...]:
+    """A code object pickled by value (a function of ``__main__``, a closure...) keeps the
+    name of its file, so that a worker's traceback names the file and shows the source line
+    as the stdlib pool's does (``linecache`` reads the file by that name). cloudpickle 3.1.3
+    writes ``"<dynamic-code>"`` instead.
+
+    Source that exists only in this program's ``linecache`` (a notebook cell: IPython
+    registers each cell there with no modification time) travels along, so the worker can
+    show its lines too."""
+    rebuild, args = _cloudpickle_code_reduce(code)
+    filename = code.co_filename
+    entry = linecache.cache.get(filename)
+    if entry is not None and len(entry) == 4 and entry[1] is None:
+        return _code_in_file, (rebuild, args, filename, entry[2])
+    return _code_in_file, (rebuild, args, filename)
+
+
+def _code_in_file(
+    rebuild: Any, args: tuple[Any, ...], filename: str, lines: list[str] | None = None
+) -> types.CodeType:
+    """Unpickle a code object from cloudpickle's reduction, with its own file name (and the
+    in-memory source of that file, if it came along)."""
+    code: types.CodeType = rebuild(*args)
+    if lines is not None and filename not in linecache.cache:
+        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+    return code if code.co_filename == filename else code.replace(co_filename=filename)
+
+
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    dispatch_table = ChainMap(cloudpickle.Pickler.dispatch_table, _FD_REDUCERS)
+    dispatch_table = ChainMap(
+        {types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table, _FD_REDUCERS
+    )
 
 
 class _ResultPickler(pickle.Pickler):
