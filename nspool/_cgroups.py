@@ -30,6 +30,11 @@ and passes the controllers down (already enabled in its ``cgroup.subtree_control
 there by us where that is allowed: the hierarchy root, or a cgroup without processes). That is
 systemd's user delegation: ``systemd-run --user --scope -p Delegate=yes ...`` gives a scope
 owned by the user inside ``app.slice``, whose controllers are enabled for its children.
+"The controllers" are the required ones and the optional ones (memory, for usage) together
+where some place passes them all, else the required ones alone: a v2 controller's interface
+files (``memory.peak``, ``memory.events``) exist in a cgroup only when its parent enables it,
+so memory must be enabled in ``P``'s and its base's ``cgroup.subtree_control`` for the
+leaves to account it even when no limit needs it. ``cpu.stat`` is a core file, everywhere.
 
 Nothing asked for is silently dropped: a limit whose controller can't be used raises
 ``CgroupUnavailableError`` saying why and how to get one. Usage figures that can't be read
@@ -705,25 +710,23 @@ class PoolCgroups:
                     continue
                 bases[key] = (h, base, req | opt)
                 continue
-            base, reasons = _v2_base(h, _v2_controller_names(req), enable=True)
+            # One place for the node that passes the optional controllers down as well: a
+            # v2 controller's files (memory.peak, memory.events) exist in the workers' leaves
+            # only if it is enabled all the way down, and a place chosen for the required
+            # ones alone (none, for usage without limits: the program's own cgroup, which
+            # holds processes and so can pass nothing down) would leave them out.
+            needed = _v2_controller_names(req)
+            wanted = needed | _v2_controller_names(opt)
+            base, reasons = _v2_base(h, wanted, enable=True)
+            if base is None and wanted != needed:
+                # Else the required ones alone; the optional ones' figures are then None.
+                base, reasons = _v2_base(h, needed, enable=True)
             if base is None:
                 for c in req:
                     problems[c] = "; ".join(reasons)
-                if req:
-                    continue
-                # optional only: any writable place will do for cpu.stat; memory may be lost
-                base, _ = _v2_base(h, set(), enable=False)
-                if base is None:
-                    continue
-            usable = set(req)
+                continue
             enabled = _tokens(os.path.join(base, "cgroup.subtree_control"))
-            for c in opt:
-                if c == "cpuacct" or c in enabled:
-                    usable.add(c)
-                    continue
-                got, _ = _v2_base(h, {c}, enable=True)
-                if got == base:
-                    usable.add(c)
+            usable = set(req) | {c for c in opt if c == "cpuacct" or c in enabled}
             bases[key] = (h, base, usable)
 
         if problems:
