@@ -487,7 +487,10 @@ def check(controllers: Iterable[str], layout: Layout | None = None) -> dict[str,
 class Usage(NamedTuple):
     """What a cgroup used. CPU times in seconds, memory in bytes; ``None`` where this machine
     doesn't account for it. ``memory_peak`` is the high-water mark since the cgroup was made or
-    since the last successful ``reset_peak``; ``oom_kills`` counts the OOM killer's kills."""
+    since the last successful ``reset_peak``. ``oom_kills`` is the kernel's OOM-kill counter:
+    it rises with each kill, but is no count of processes (v2 with ``memory.oom.group`` counts
+    the chosen victim twice, once alone and once with its group), so compare it with zero or
+    with an earlier reading."""
 
     cpu_user: float | None = None
     cpu_system: float | None = None
@@ -974,7 +977,11 @@ class PoolCgroups:
         return True
 
     def oom_kills(self, w: WorkerCgroup) -> int | None:
-        """How many processes the OOM killer killed in the worker's cgroup (None: unknown)."""
+        """The worker's cgroup's OOM-kill counter (None: unknown): nonzero once the OOM killer
+        killed in it. v1: one per process killed (before Linux 4.13: memory.failcnt, how often
+        the limit was hit). v2: the kernel's ``oom_kill``, which counts each process a group
+        kill takes plus the victim once more (``memory.oom.group`` kills the victim, then the
+        whole group, the victim again among them): one hog alone reads 2."""
         d = w.dirs.get("memory")
         if d is None:
             return None
