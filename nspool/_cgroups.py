@@ -425,8 +425,7 @@ def _v2_base(h: Hierarchy, needed: set[str], *, enable: bool) -> tuple[str | Non
                 f" from its parent"
             )
             continue
-        is_root = os.path.normpath(cand) == os.path.normpath(h.mountpoint)
-        if not is_root and _has_procs(cand):
+        if not _is_v2_root(h, cand) and _has_procs(cand):
             reasons.append(
                 f"{cand} holds processes, so its children can't get the controller(s) "
                 f"{', '.join(sorted(lacking))} (cgroup v2 allows no processes in inner nodes)"
@@ -444,6 +443,15 @@ def _v2_base(h: Hierarchy, needed: set[str], *, enable: bool) -> tuple[str | Non
             continue
         return cand, reasons
     return None, reasons
+
+
+def _is_v2_root(h: Hierarchy, path: str) -> bool:
+    """Is ``path`` the root of the v2 hierarchy, the one cgroup that may hold processes and
+    enable controllers for its children? The mount's root is not always it: in a container with
+    its own cgroup namespace it is the container's cgroup. The real root alone has no
+    ``cgroup.type``."""
+    at_mount_root = os.path.normpath(path) == os.path.normpath(h.mountpoint)
+    return at_mount_root and not os.path.exists(os.path.join(path, "cgroup.type"))
 
 
 def _v1_base(h: Hierarchy) -> tuple[str | None, list[str]]:

@@ -386,7 +386,11 @@ def test_v2_enables_controllers_where_allowed(
 # a model of the kernel, not the kernel): a controller's interface files exist in a cgroup only
 # when its parent enables the controller in cgroup.subtree_control; cpu.stat is a core file,
 # present everywhere; enabling needs the controller in the cgroup's own cgroup.controllers and,
-# except at the root, no process in the cgroup (EBUSY); a cgroup filesystem creates no file.
+# except at the root, no process in the cgroup (EBUSY); every cgroup but the root has
+# cgroup.type; a cgroup filesystem creates no file. (Checked on this machine's 6.18 kernel with
+# hugetlb, the one controller its v2 mount has: its files reached a child only once the parent
+# enabled it, enabling in a cgroup with a process failed with EBUSY, the root has no
+# cgroup.type and a new cgroup has one, and cpu.stat is in a cgroup with no controller.)
 
 _V2_FILES = {
     "memory": {
@@ -416,6 +420,7 @@ def v2_rules(tmp_path: Path, fake_fs: None, monkeypatch: pytest.MonkeyPatch) -> 
             "cgroup.procs": "",
             "cgroup.controllers": " ".join(sorted(enabled)) + "\n",
             "cgroup.subtree_control": "\n",
+            "cgroup.type": "domain\n",
             "cpu.stat": "usage_usec 0\nuser_usec 0\nsystem_usec 0\n",
         }
         for c in enabled:
@@ -437,7 +442,8 @@ def v2_rules(tmp_path: Path, fake_fs: None, monkeypatch: pytest.MonkeyPatch) -> 
             if token[:1] not in ("+", "-") or token[1:] not in available:
                 raise OSError(errno.ENOENT, f"{token!r}: controller not available", path)
             (enabled.add if token[0] == "+" else enabled.discard)(token[1:])
-        if enabled - cg._tokens(path) and d != str(tmp_path) and cg._has_procs(d):
+        is_root = not os.path.exists(os.path.join(d, "cgroup.type"))
+        if enabled - cg._tokens(path) and not is_root and cg._has_procs(d):
             raise OSError(errno.EBUSY, "no internal processes", path)
         real_write(path, " ".join(sorted(enabled)) + "\n")
 
@@ -542,6 +548,29 @@ def test_v2_own_cgroup_that_is_the_root(tmp_path: Path, fake_fs: None) -> None:
     with PoolCgroups.for_limits(Limits(memory=MiB), layout=layout) as pool:
         assert pool.nodes["memory"] == str(tmp_path / pool.name)
         assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory"
+
+
+def test_v2_container_root_is_no_hierarchy_root(tmp_path: Path, v2_rules: list[str]) -> None:
+    """In a container with its own cgroup namespace the mount's root is the container's cgroup,
+    not the hierarchy's: it has cgroup.type (the real root has none) and, holding the
+    container's processes, can't enable controllers for children. Say that, don't try."""
+    _mkcg(
+        tmp_path,
+        {
+            "cgroup.controllers": "cpu memory pids\n",
+            "cgroup.subtree_control": "\n",
+            "cgroup.type": "domain\n",
+            "cgroup.procs": "1\n",
+        },
+    )
+    layout = detect_layout(f"1 0 0:1 / {tmp_path} rw - cgroup2 none rw\n", "0::/\n")
+    with pytest.raises(CgroupUnavailableError, match="holds processes"):
+        PoolCgroups.for_limits(Limits(memory=MiB), layout=layout)
+    assert v2_rules == []
+    assert cg.check(["memory"], layout)["memory"] is not None
+    with PoolCgroups.for_limits(Limits(), layout=layout) as pool:  # usage: CPU time only
+        assert pool.controllers == {"cpuacct"}
+    assert v2_rules == []
 
 
 def test_v2_without_delegation_is_a_clear_error(
@@ -761,6 +790,59 @@ def test_live_close_kills_what_is_left_and_removes_everything() -> None:
         proc.communicate()
     assert proc.returncode == -9
     assert not any(os.path.exists(n) for n in nodes)
+
+
+def _v2_cpu_only_layout() -> cg.Layout | None:
+    """This machine's cgroup2 mount as the hierarchy for CPU time alone (cpu.stat needs no
+    controller), whatever serves the controllers; None without a cgroup2 mount we are in."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = parse_mountinfo(f.read())
+    with open("/proc/self/cgroup") as f:
+        path = parse_proc_cgroup(f.read()).get("")
+    for m in mounts:
+        own = None if path is None or m.fstype != "cgroup2" else cg._own_dir(m, path)
+        if own is not None:
+            h = cg.Hierarchy(2, m.mountpoint, own, frozenset({"cpuacct"}), m.readonly)
+            return cg.Layout({"cpuacct": h})
+    return None
+
+
+V2_CPU_LAYOUT = _v2_cpu_only_layout()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@pytest.mark.skipif(V2_CPU_LAYOUT is None, reason="no cgroup2 mount here")
+def test_live_v2_leaf_cpu_time_and_kill() -> None:
+    """The v2 path on the real kernel, wherever a cgroup2 mount is (here: v1 controllers
+    beside a v2 mount without any): a pool node and a worker leaf with no controller, a
+    process attached, its CPU time from the leaf's cpu.stat (a core file), and close()
+    killing what is left through cgroup.kill."""
+    assert V2_CPU_LAYOUT is not None
+    with PoolCgroups(["cpuacct"], (), layout=V2_CPU_LAYOUT) as pool:
+        assert pool.version_of("cpuacct") == 2
+        w = pool.create_worker(1)
+        assert os.path.exists(os.path.join(w.dirs["cpuacct"], "cgroup.kill"))
+        meter = pool.meter(w)
+        try:
+            before = meter.read()
+            proc = _start_in(pool, w, "work")
+            _go(proc)
+            assert proc.returncode == 0
+            spent = meter.read()
+        finally:
+            meter.close()
+        assert spent.cpu_user is not None and before.cpu_user is not None, spent
+        assert spent.cpu_user - before.cpu_user >= 0.2, (before, spent)
+        assert spent.memory_peak is None and spent.oom_kills is None  # no memory controller
+        w2 = pool.create_worker(2)
+        waiting = _start_in(pool, w2, "work")  # waits on stdin: still there at close
+        try:
+            pool.close()
+        finally:
+            waiting.kill()
+            waiting.communicate()
+        assert waiting.returncode == -9
+        assert not os.path.exists(w.dirs["cpuacct"])
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="checks the unprivileged error; running as root")
