@@ -30,6 +30,11 @@ and passes the controllers down (already enabled in its ``cgroup.subtree_control
 there by us where that is allowed: the hierarchy root, or a cgroup without processes). That is
 systemd's user delegation: ``systemd-run --user --scope -p Delegate=yes ...`` gives a scope
 owned by the user inside ``app.slice``, whose controllers are enabled for its children.
+"The controllers" are the required ones and the optional ones (memory, for usage) together
+where some place passes them all, else the required ones alone: a v2 controller's interface
+files (``memory.peak``, ``memory.events``) exist in a cgroup only when its parent enables it,
+so memory must be enabled in ``P``'s and its base's ``cgroup.subtree_control`` for the
+leaves to account it even when no limit needs it. ``cpu.stat`` is a core file, everywhere.
 
 Nothing asked for is silently dropped: a limit whose controller can't be used raises
 ``CgroupUnavailableError`` saying why and how to get one. Usage figures that can't be read
@@ -420,8 +425,7 @@ def _v2_base(h: Hierarchy, needed: set[str], *, enable: bool) -> tuple[str | Non
                 f" from its parent"
             )
             continue
-        is_root = os.path.normpath(cand) == os.path.normpath(h.mountpoint)
-        if not is_root and _has_procs(cand):
+        if not _is_v2_root(h, cand) and _has_procs(cand):
             reasons.append(
                 f"{cand} holds processes, so its children can't get the controller(s) "
                 f"{', '.join(sorted(lacking))} (cgroup v2 allows no processes in inner nodes)"
@@ -439,6 +443,15 @@ def _v2_base(h: Hierarchy, needed: set[str], *, enable: bool) -> tuple[str | Non
             continue
         return cand, reasons
     return None, reasons
+
+
+def _is_v2_root(h: Hierarchy, path: str) -> bool:
+    """Is ``path`` the root of the v2 hierarchy, the one cgroup that may hold processes and
+    enable controllers for its children? The mount's root is not always it: in a container with
+    its own cgroup namespace it is the container's cgroup. The real root alone has no
+    ``cgroup.type``."""
+    at_mount_root = os.path.normpath(path) == os.path.normpath(h.mountpoint)
+    return at_mount_root and not os.path.exists(os.path.join(path, "cgroup.type"))
 
 
 def _v1_base(h: Hierarchy) -> tuple[str | None, list[str]]:
@@ -482,7 +495,10 @@ def check(controllers: Iterable[str], layout: Layout | None = None) -> dict[str,
 class Usage(NamedTuple):
     """What a cgroup used. CPU times in seconds, memory in bytes; ``None`` where this machine
     doesn't account for it. ``memory_peak`` is the high-water mark since the cgroup was made or
-    since the last successful ``reset_peak``; ``oom_kills`` counts the OOM killer's kills."""
+    since the last successful ``reset_peak``. ``oom_kills`` is the kernel's OOM-kill counter:
+    it rises with each kill, but is no count of processes (v2 with ``memory.oom.group`` counts
+    the chosen victim twice, once alone and once with its group), so compare it with zero or
+    with an earlier reading."""
 
     cpu_user: float | None = None
     cpu_system: float | None = None
@@ -705,25 +721,23 @@ class PoolCgroups:
                     continue
                 bases[key] = (h, base, req | opt)
                 continue
-            base, reasons = _v2_base(h, _v2_controller_names(req), enable=True)
+            # One place for the node that passes the optional controllers down as well: a
+            # v2 controller's files (memory.peak, memory.events) exist in the workers' leaves
+            # only if it is enabled all the way down, and a place chosen for the required
+            # ones alone (none, for usage without limits: the program's own cgroup, which
+            # holds processes and so can pass nothing down) would leave them out.
+            needed = _v2_controller_names(req)
+            wanted = needed | _v2_controller_names(opt)
+            base, reasons = _v2_base(h, wanted, enable=True)
+            if base is None and wanted != needed:
+                # Else the required ones alone; the optional ones' figures are then None.
+                base, reasons = _v2_base(h, needed, enable=True)
             if base is None:
                 for c in req:
                     problems[c] = "; ".join(reasons)
-                if req:
-                    continue
-                # optional only: any writable place will do for cpu.stat; memory may be lost
-                base, _ = _v2_base(h, set(), enable=False)
-                if base is None:
-                    continue
-            usable = set(req)
+                continue
             enabled = _tokens(os.path.join(base, "cgroup.subtree_control"))
-            for c in opt:
-                if c == "cpuacct" or c in enabled:
-                    usable.add(c)
-                    continue
-                got, _ = _v2_base(h, {c}, enable=True)
-                if got == base:
-                    usable.add(c)
+            usable = set(req) | {c for c in opt if c == "cpuacct" or c in enabled}
             bases[key] = (h, base, usable)
 
         if problems:
@@ -971,7 +985,11 @@ class PoolCgroups:
         return True
 
     def oom_kills(self, w: WorkerCgroup) -> int | None:
-        """How many processes the OOM killer killed in the worker's cgroup (None: unknown)."""
+        """The worker's cgroup's OOM-kill counter (None: unknown): nonzero once the OOM killer
+        killed in it. v1: one per process killed (before Linux 4.13: memory.failcnt, how often
+        the limit was hit). v2: the kernel's ``oom_kill``, which counts each process a group
+        kill takes plus the victim once more (``memory.oom.group`` kills the victim, then the
+        whole group, the victim again among them): one hog alone reads 2."""
         d = w.dirs.get("memory")
         if d is None:
             return None

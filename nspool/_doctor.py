@@ -95,7 +95,11 @@ def _limit_lines() -> tuple[list[tuple[str, str]], dict[str, object]]:
         why = problems[controller]
         if why is None:
             h = layout.hierarchies[controller]
-            lines.append((name, f"ok (cgroup v{h.version}, {h.own_dir})"))
+            text = f"ok (cgroup v{h.version}, {h.own_dir})"
+            if controller == "cpuacct" and problems["memory"] is not None:
+                # CPU time needs no controller on v2; the peak needs the memory controller.
+                text += "; CPU time only: memory_peak is None without the memory controller"
+            lines.append((name, text))
         else:
             lines.append((name, f"not available\n    {why}"))
     if any(problems.values()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from _procs import NO_NAMESPACES
 
 
@@ -67,3 +68,20 @@ def test_the_constructor_raises_namespace_error_when_namespaces_are_off() -> Non
     assert out.returncode == 0, out.stderr
     assert "ERRNO 28" in out.stdout  # ENOSPC: a namespace limit
     assert "namespace" in out.stdout and "sysctl" in out.stdout
+
+
+def test_doctor_says_when_usage_is_cpu_time_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """track_usage works with CPU time alone where no memory controller can be had (v2:
+    cpu.stat is everywhere): the report says its memory_peak will be None."""
+    from nspool import _cgroups, _doctor
+
+    h = _cgroups.Hierarchy(2, "/sys/fs/cgroup", "/sys/fs/cgroup/a.scope", frozenset({"cpuacct"}))
+    monkeypatch.setattr(_cgroups, "detect_layout", lambda: _cgroups.Layout({"cpuacct": h}))
+    no = "not delegated"
+    checked = {"memory": no, "pids": no, "cpu": no, "cpuacct": None}
+    monkeypatch.setattr(_cgroups, "check", lambda controllers, layout: checked)
+    lines, options = _doctor._limit_lines()
+    usage = dict(lines)["usage: track_usage"]
+    assert usage.startswith("ok (cgroup v2, /sys/fs/cgroup/a.scope)")
+    assert "memory_peak is None" in usage
+    assert options == {"track_usage": True}
