@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError, wait
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from . import _serialize
 from ._chunks import process_chunk
@@ -37,6 +37,7 @@ from .errors import BrokenProcessPool, TaskPicklingError, TaskUnpicklingError
 __all__ = ["NSPoolExecutor"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 #: a task in these states has a worker, whose result pipe will answer it
 _IN_WORKER = (TState.SENT, TState.STOPPING)
@@ -540,7 +541,7 @@ class NSPoolExecutor(Executor):
             return [w.pid for w in self._engine.core.workers.values() if w.pid]
 
     # -- Executor API -------------------------------------------------------------------------
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> NSFuture[T]:
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> NSFuture[T]:
         """Schedule ``fn(*args, **kwargs)``; an unpicklable call fails only its own future."""
         return self.schedule(fn, args, kwargs, timeout=self._task_timeout)
 
