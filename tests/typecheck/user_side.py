@@ -72,7 +72,8 @@ def executor() -> None:
         std: concurrent.futures.Future[int] = f  # still a stdlib future
         g = ex.schedule(add, (1, 2), timeout=0.5)
         assert_type(g, NSFuture[int])
-        assert_type(ex.schedule(add, [1], {"y": 2}), NSFuture[int])
+        assert_type(ex.schedule(add, [1], {"y": 2}), NSFuture[int])  # the pool's deadline
+        assert_type(ex.schedule(add, (1, 2), timeout=None), NSFuture[int])  # none
         assert_type(ex.map(square, range(10), timeout=5, chunksize=10, buffersize=4), Iterator[int])
         assert_type(ex.worker_pids(), list[int])
         assert_type(ex.launcher_pid, int)
