@@ -104,6 +104,7 @@ def test_unprivileged_limits_are_a_clear_error_at_construction(
     with pytest.raises(CgroupUnavailableError, match="systemd-run --user --scope") as info:
         NSPoolExecutor(1, **kwargs)  # type: ignore[arg-type]
     assert "can't be enforced here" in str(info.value)
+    assert info.value.errno == errno.EPERM and str(info.value).count("[Errno") == 1
 
 
 # --------------------------------------------------------------------------------------------
