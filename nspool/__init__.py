@@ -73,15 +73,19 @@ if TYPE_CHECKING:
     from .executor import NSFuture, NSPoolExecutor
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'nspool' has no attribute {name!r}")
-    import importlib
+# Hidden from type checkers: they see the imports above, and a module-level __getattr__ would
+# make them accept any name (`from nspool import NSPoolExecuter` typed as `object`).
+if not TYPE_CHECKING:
 
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+    def __getattr__(name: str) -> object:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'nspool' has no attribute {name!r}")
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m nspool", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"nspool {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     demo = "show isolated workers and a leaked daemon being torn down"
     sub.add_parser("demo", help=demo, description=demo[0].upper() + demo[1:] + ".")
     doctor = "tell what this machine allows, and how to fix what it does not"
@@ -50,7 +50,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        # No command asks what there is (as `pip` alone does): the help, and success.
+        parser.print_help()
+        return 0
     if args.command == "demo":
         from ._demo import main as demo
 

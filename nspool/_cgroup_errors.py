@@ -12,6 +12,10 @@ class CgroupUnavailableError(CgroupError):
     """A resource limit (or usage measurement) was asked for whose cgroup controller can't be
     used here. The message says why and how to get one."""
 
+    # Public as nspool.errors.CgroupUnavailableError: tracebacks name it so, and pickle finds
+    # it there (nspool.errors re-exports it).
+    __module__ = "nspool.errors"
+
 
 class CgroupBusyError(CgroupError):
     """A cgroup still held processes when its removal's deadline passed."""

@@ -356,15 +356,21 @@ class PoolDriver:
             code, sig, how = describe_wait_status(status)
         if conn.slot.forced:
             how += f" (stopped by {conn.slot.forced})"
+        # MemoryLimitError names the pool's limit. A pool without one (track_usage alone) sees
+        # OOM kills in its workers' memory cgroups too, from a limit that is not the pool's: a
+        # plain worker death, which says who killed it.
+        limit = self.launcher.memory_limit
+        if memory_limit and not isinstance(limit, int):
+            how += " (by the kernel's OOM killer)"
         for task, fate in outcome.ended:
             exc: BaseException | None
-            if fate is Fate.DIED and memory_limit:
+            if fate is Fate.DIED and memory_limit and isinstance(limit, int):
                 exc = MemoryLimitError(
                     f"the task's processes used more memory than the pool's memory_limit "
-                    f"({_size(self.launcher.memory_limit)}): the kernel's OOM killer acted in "
+                    f"({_size(limit)}): the kernel's OOM killer acted in "
                     f"its worker (pid {conn.slot.pid or '?'}), which was killed with every "
                     "process it held; the pool replaced it",
-                    limit=self.launcher.memory_limit,  # type: ignore[arg-type]
+                    limit=limit,
                     exitcode=code,
                     signal=sig,
                 )

@@ -154,6 +154,13 @@ def _raise_error(msg: Control) -> NoReturn:
     raise LauncherDiedError(msg.text)
 
 
+def _limits_error(msg: Control) -> CgroupUnavailableError:
+    """The launcher's LIMITS_ERROR answer as the exception it stands for. Its text is the
+    launcher's OSError as printed, ``[Errno N] why``: the errno goes in once, as the errno."""
+    text = msg.text.removeprefix(f"[Errno {msg.value}] ") if msg.value else msg.text
+    return CgroupUnavailableError(msg.value or errno.EPERM, text)
+
+
 def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -275,7 +282,7 @@ class LauncherProcess:
             return msg
         if msg.kind is Ctl.LIMITS_ERROR:
             self.proc.wait()
-            raise CgroupUnavailableError(msg.value or errno.EPERM, msg.text)
+            raise _limits_error(msg)
         if msg.kind is Ctl.ERROR:
             self.proc.wait()
             _raise_error(msg)

@@ -136,10 +136,10 @@ class MemoryLimitError(WorkerDiedError):
     it. Only that task fails; the pool replaces the worker."""
 
     def __init__(
-        self, message: str, *, limit: int | None, exitcode: int | None, signal: int | None
+        self, message: str, *, limit: int, exitcode: int | None, signal: int | None
     ) -> None:
         super().__init__(message, exitcode=exitcode, signal=signal)
-        #: the pool's ``memory_limit`` in bytes
+        #: the pool's ``memory_limit`` in bytes (only a pool with one raises this error)
         self.limit = limit
 
 
@@ -158,15 +158,19 @@ class PoolInitializerError(BrokenProcessPool):
     """The pool's ``initializer`` raised in a worker: the pool is broken, as in the stdlib."""
 
 
-# On 3.10 concurrent.futures has its own TimeoutError; be both, so either `except` catches it.
+# Two plain class statements under a version check, not bases computed at run time: type
+# checkers see a real class then (a computed base list makes it a subclass of Any for mypy,
+# and any attribute on it would pass unchecked).
 if sys.version_info >= (3, 11):
-    _TimeoutBases: tuple[type[Exception], ...] = (TimeoutError,)
+
+    class TaskTimeoutError(TimeoutError):
+        """A task ran past its deadline; its worker and every process it started were killed."""
+
 else:
-    _TimeoutBases = (_futures.TimeoutError, TimeoutError)
-
-
-class TaskTimeoutError(*_TimeoutBases):  # type: ignore[misc]
-    """A task ran past its deadline; its worker and every process it started were killed."""
+    # 3.10's concurrent.futures has a TimeoutError of its own: be both, so that either
+    # `except` catches it.
+    class TaskTimeoutError(_futures.TimeoutError, TimeoutError):
+        """A task ran past its deadline; its worker and every process it started were killed."""
 
 
 def describe_wait_status(status: int) -> tuple[int | None, int | None, str]:

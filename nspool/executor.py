@@ -9,6 +9,7 @@ hop on the way out. Scheduling rules live in ``_pool.PoolCore``; process mechani
 
 from __future__ import annotations
 
+import enum
 import itertools
 import os
 import select
@@ -23,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError, wait
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from . import _serialize
 from ._chunks import process_chunk
@@ -37,9 +38,19 @@ from .errors import BrokenProcessPool, TaskPicklingError, TaskUnpicklingError
 __all__ = ["NSPoolExecutor"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 #: a task in these states has a worker, whose result pipe will answer it
 _IN_WORKER = (TState.SENT, TState.STOPPING)
+
+
+class _Default(enum.Enum):
+    """``schedule``'s default deadline: a sentinel, since ``timeout=None`` means "none"."""
+
+    POOL = "the pool's task_timeout"
+
+    def __repr__(self) -> str:
+        return f"<{self.value}>"  # what help() shows as the default
 
 
 class _Engine(PoolDriver):
@@ -469,8 +480,8 @@ class NSPoolExecutor(Executor):
             its own PID namespace (``ps`` and ``psutil`` in a task see only the task's tree).
         task_timeout: a deadline in seconds for every task, counted from when a worker starts
             it; a task past it is killed with its whole process tree and its future fails with
-            ``TaskTimeoutError`` (a ``TimeoutError``). ``schedule(..., timeout=)`` sets one per
-            task.
+            ``TaskTimeoutError`` (a ``TimeoutError``). ``schedule(..., timeout=)`` replaces it
+            for one task (``timeout=None``: no deadline for that task).
         max_batch: most tasks one worker may hold at once when tasks are short (they travel
             several to a write); 1 turns batching off, for workloads where fast and slow tasks
             mix and no task should wait behind another in a busy worker.
@@ -540,9 +551,9 @@ class NSPoolExecutor(Executor):
             return [w.pid for w in self._engine.core.workers.values() if w.pid]
 
     # -- Executor API -------------------------------------------------------------------------
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> NSFuture[T]:
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> NSFuture[T]:
         """Schedule ``fn(*args, **kwargs)``; an unpicklable call fails only its own future."""
-        return self.schedule(fn, args, kwargs, timeout=self._task_timeout)
+        return self.schedule(fn, args, kwargs)
 
     def schedule(
         self,
@@ -550,11 +561,15 @@ class NSPoolExecutor(Executor):
         args: Iterable[Any] = (),
         kwargs: dict[str, Any] | None = None,
         *,
-        timeout: float | None = None,
+        timeout: float | None | Literal[_Default.POOL] = _Default.POOL,
     ) -> NSFuture[T]:
-        """Like :meth:`submit`, with a deadline: once a worker starts the task, it may run
-        ``timeout`` seconds; then it is killed with every process it started and the future
-        fails with ``TaskTimeoutError``."""
+        """Like :meth:`submit`, with a deadline of its own: once a worker starts the task, it
+        may run ``timeout`` seconds; then it is killed with every process it started and the
+        future fails with ``TaskTimeoutError``. Without ``timeout``, the pool's
+        ``task_timeout`` holds (as for :meth:`submit`); ``timeout=None``: no deadline for this
+        task, whatever the pool's."""
+        if timeout is _Default.POOL:
+            timeout = self._task_timeout
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be None or > 0")
         engine = self._engine

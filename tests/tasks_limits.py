@@ -45,6 +45,22 @@ def hog_in_child(spin_us: int = 0) -> int:
     return status
 
 
+def hog_under_own_limit(n_mib: int) -> None:
+    """Put a memory limit of ``n_mib`` MiB on this task's own memory cgroup (its worker's),
+    as a limit the pool did not set would, then allocate until the OOM killer ends it."""
+    from nspool._cgroups import detect_layout
+
+    h = detect_layout().hierarchies["memory"]
+    if h.version == 2:
+        settings = {"memory.max": n_mib * MiB, "memory.swap.max": 0}
+    else:
+        settings = {"memory.limit_in_bytes": n_mib * MiB}
+    for name, value in settings.items():
+        with open(os.path.join(h.own_dir, name), "w") as f:
+            f.write(str(value))
+    _hog()
+
+
 def wait_for_file(path: str, timeout: float = 30.0) -> str:
     """Poll until ``path`` exists (the test creates it); return ``"done"``."""
     deadline = time.monotonic() + timeout

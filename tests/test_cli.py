@@ -52,6 +52,16 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli(capsys, "--version") == f"nspool {nspool.__version__}\n"
 
 
+def test_no_command_prints_the_help_and_succeeds() -> None:
+    """``python -m nspool`` alone is a question, not a mistake: the help, on stdout."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "nspool"], capture_output=True, text=True, timeout=60
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.startswith("usage: python -m nspool")
+    assert all(command in proc.stdout for command in ("demo", "doctor", "bench"))
+
+
 def test_help_is_plain_text_and_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     out = _cli(capsys, "--help")
     for command in ("demo", "doctor", "bench"):  # each with its one-line help beside it

@@ -395,6 +395,23 @@ def test_executor_wide_task_timeout() -> None:
         assert pool.submit(tasks.square, 5).result() == 25
 
 
+def test_schedule_keeps_the_pools_task_timeout_unless_it_names_its_own() -> None:
+    """The pool's deadline holds for every task: schedule() without ``timeout=`` too. A
+    ``timeout`` of its own replaces it for that task; ``timeout=None`` means none."""
+    from nspool import TaskTimeoutError
+
+    with NSPoolExecutor(2, task_timeout=0.3) as pool:
+        late = pool.schedule(time.sleep, (30,))
+        exc = late.exception(timeout=10)
+        assert isinstance(exc, TaskTimeoutError) and "0.3 s deadline" in str(exc)
+        shorter = pool.schedule(time.sleep, (30,), timeout=0.1)
+        assert "0.1 s deadline" in str(shorter.exception(timeout=10))
+        free = pool.schedule(tasks.sleep_then_square, (0.6, 3), timeout=None)
+        assert free.result(timeout=10) == 9  # twice the pool's deadline, and not killed
+        with pytest.raises(ValueError):
+            pool.schedule(tasks.square, (1,), timeout=0)
+
+
 def test_a_killed_task_queued_behind_another_in_a_worker_never_blocks_the_rest() -> None:
     """With fast tasks, several wait in one worker's pipe; killing one of them stops it when
     it starts and the tasks behind it still complete."""

@@ -104,6 +104,7 @@ def test_unprivileged_limits_are_a_clear_error_at_construction(
     with pytest.raises(CgroupUnavailableError, match="systemd-run --user --scope") as info:
         NSPoolExecutor(1, **kwargs)  # type: ignore[arg-type]
     assert "can't be enforced here" in str(info.value)
+    assert info.value.errno == errno.EPERM and str(info.value).count("[Errno") == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +139,20 @@ def test_a_task_over_the_memory_limit_fails_with_memory_limit_error() -> None:
     with NSPoolExecutor(1, memory_limit="64M") as ex:
         with pytest.raises(MemoryLimitError):
             ex.submit(tasks_limits.allocate, 256).result(timeout=30)
+        assert ex.submit(tasks_limits.allocate, 8).result(timeout=30) == 8 * MiB
+
+
+@live
+def test_an_oom_kill_in_a_pool_without_a_memory_limit_is_a_plain_worker_death() -> None:
+    """MemoryLimitError names the pool's limit (``exc.limit``, an int). A pool measuring usage
+    without one still sees OOM kills in its workers' cgroups, from a limit not its own: that
+    task fails with the WorkerDiedError it is, saying the OOM killer did it."""
+    with NSPoolExecutor(1, track_usage=True) as ex:
+        with pytest.raises(WorkerDiedError) as info:
+            ex.submit(tasks_limits.hog_under_own_limit, 64).result(timeout=60)
+        assert type(info.value) is WorkerDiedError, info.value
+        assert info.value.signal == signal.SIGKILL
+        assert "OOM killer" in str(info.value)
         assert ex.submit(tasks_limits.allocate, 8).result(timeout=30) == 8 * MiB
 
 

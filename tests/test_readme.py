@@ -4,13 +4,17 @@ exactly that. The quick start's demo runs and ends with OK."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from nspool import NSPoolExecutor, open_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -92,3 +96,24 @@ def test_the_demo_runs_and_says_ok() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.rstrip().endswith("OK: nothing outlived its task or the pool")
     assert "kill_leftovers=False" in done.stdout  # part 1 says what it shows
+
+
+def _plain_signature(name: str, fn: Callable[..., object]) -> str:
+    """``name(arg=default, ..., *, kw=default, ...)`` as the README writes a signature."""
+    parts: list[str] = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.name == "self":
+            continue
+        if p.kind is p.KEYWORD_ONLY and "*" not in parts:
+            parts.append("*")
+        parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+    return f"{name}({', '.join(parts)})"
+
+
+@pytest.mark.parametrize(
+    "name,fn", [("NSPoolExecutor", NSPoolExecutor.__init__), ("open_pool", open_pool)]
+)
+def test_the_readme_signatures_match_the_code(name: str, fn: Callable[..., object]) -> None:
+    text = " ".join(README.read_text().split())  # a signature may wrap over lines
+    written = re.findall(rf"`({name}\(max_workers=[^`]*\))`", text)
+    assert written == [_plain_signature(name, fn)]
