@@ -1,11 +1,12 @@
 # Everything runs from virtual environments this Makefile (or scripts/test-all.sh) creates.
 #   make demo    set up nspool with its runtime dependencies only, and run the demo
-#   make test    lint, then the suite and CPython's ProcessPoolExecutor tests on every supported
-#                Python found (the default python3; 3.10 and 3.13 from pyenv or PATH), then the
-#                suite as an unprivileged user (scripts/test-all.sh says what it used and skipped)
+#   make test    lint; the suite and CPython's ProcessPoolExecutor tests on the newest Python
+#                with the newest dependency releases, and on the oldest Python with the oldest
+#                releases pyproject.toml allows; the suite as an unprivileged user
+#                (scripts/test-all.sh says what each stage covers, what it used and skipped)
 PYTHON ?= python3
 
-.PHONY: demo test lint test-suite test-stdlib test-unprivileged soak bench bench-quick clean
+.PHONY: demo test lint test-newest test-lowest test-unprivileged soak bench bench-quick clean
 
 .venv/.installed: pyproject.toml
 	@echo "== setting up .venv: nspool and its runtime dependencies ($$($(PYTHON) --version))"
@@ -22,11 +23,11 @@ test:
 lint:
 	bash scripts/test-all.sh lint
 
-test-suite:
-	bash scripts/test-all.sh suite
+test-newest:
+	bash scripts/test-all.sh newest
 
-test-stdlib:
-	bash scripts/test-all.sh stdlib
+test-lowest:
+	bash scripts/test-all.sh lowest
 
 test-unprivileged:
 	bash scripts/test-all.sh unprivileged

@@ -113,7 +113,8 @@ COLD = Bench(
         "context) takes. Each peer is primed once untimed first, so module imports and "
         "multiprocessing's per-program forkserver are not counted; nor is nspool's per-program "
         "launcher, which the priming pool starts: these are a program's *other* pools (its "
-        "first pool is the `firstpool` benchmark). anyio's workers stop with the event loop, so it has no shutdown "
+        "first pool is the `firstpool` benchmark). anyio's workers stop with the event loop, "
+        "so it has no shutdown "
         "figure. *nspool, private_proc*: `NSPoolExecutor(private_proc=True)` (each worker "
         "gets a mount namespace and a /proc of its own). ms, lower is better."
     ),

@@ -410,11 +410,12 @@ async def run_sync(
             f"the default nspool pool could not start: {state.error!r}"
         ) from state.error
     limiter = limiter or current_default_pool_limiter()
-    try:
+    if limiter.available_tokens >= 1:
         # A free token is taken without the checkpoint ``async with`` makes (a whole event
-        # loop round); the call itself checkpoints (it waits for its result).
+        # loop round); the call itself checkpoints (it waits for its result). (Not by catching
+        # anyio.WouldBlock: on trio, anyio before 4.15 lets trio's own WouldBlock through.)
         limiter.acquire_nowait()
-    except anyio.WouldBlock:
+    else:
         await limiter.acquire()
     try:
         return await state.pool.run(fn, *args, cancellable=cancellable)

@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
-# `make test`: ruff and mypy, then the test suite and CPython's own ProcessPoolExecutor tests
-# (tests/stdlib_harness.py) on every supported Python this machine has -- the default python3
-# always, and the oldest (3.10) and newest (3.13) supported ones where pyenv or PATH has them --
-# then the suite as an unprivileged user where the machine allows it (root + setpriv). The
-# default python3's suite run is left out when the unprivileged stage runs the suite on the same
-# minor version (it says so).
+# `make test`: every stage below, in order; each says what it runs, with which Python and
+# which dependency releases, and the run ends with a table of the stages and their times.
 #
-#   scripts/test-all.sh [STAGE ...]     stages: lint suite stdlib unprivileged (default: all),
-#                                       and soak (the race tests alone, newest Python: make soak)
+#   lint          ruff and mypy --strict, newest Python, newest releases
+#   newest        the whole suite and CPython's own ProcessPoolExecutor tests on the newest
+#                 supported Python (3.13) with the newest release of every dependency (what a
+#                 fresh `pip install` gets today), the benchmark peers and Dask included
+#   lowest        the whole suite and CPython's tests on the oldest supported Python (3.10)
+#                 with the oldest release of every dependency that pyproject.toml allows
+#                 (scripts/lower_bounds.py); the race tests at a third of their length
+#   unprivileged  the suite as uid 1000 (scripts/test-unprivileged.sh) on the system Python,
+#                 newest releases, without the pure-logic tests (pool core, protocol) and the
+#                 race files: their code runs the same for any user, and the stages above run
+#                 them; only when this run is root
+#   default       the suite on the default python3 with the newest releases, when its minor
+#                 version is none of the above (else that version is covered already)
 #
-# Every stage says what it runs, with which Python, and what it skipped and why.
+#   scripts/test-all.sh [STAGE ...]     default: lint newest lowest unprivileged default;
+#                                       soak: the race tests alone, long (make soak)
+#
+# A stage that cannot run here (no such Python, not root...) says so and is skipped.
 # Environment: PYTHON (the default interpreter, default python3), PY_OLDEST, PY_NEWEST (paths
-# that override the search).
+# that override the search), NSPOOL_RACE_SCALE (the race tests' length, see tests/_racing.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +35,7 @@ trap 'rm -rf "$PYTEST_DEBUG_TEMPROOT"' EXIT
 
 # -- which Pythons -------------------------------------------------------------------------
 version_of() { "$1" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null; }
+minor_of() { local v; v=$(version_of "$1") && echo "${v%.*}"; }
 supported() { "$1" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null; }
 
 find_python() {  # find_python MINOR: the newest 3.MINOR.x from pyenv, else python3.MINOR on PATH
@@ -44,116 +55,179 @@ if ! command -v "$default" >/dev/null || ! supported "$default"; then
 fi
 oldest=${PY_OLDEST:-$(find_python 10)}
 newest=${PY_NEWEST:-$(find_python 13)}
-
-# role:interpreter pairs, one per distinct version, newest first (it also runs the linters)
-roles=()
-seen=" "
-add_role() {  # add_role ROLE PYTHON
-  local v
-  [ -n "$2" ] || return 0
-  v=$(version_of "$2") || return 0
-  case "$seen" in *" $v "*) return 0 ;; esac
-  seen="$seen$v "
-  roles+=("$1:$2")
-}
-add_role NEWEST "$newest"
-add_role DEFAULT "$default"
-add_role OLDEST "$oldest"
-
-if [ ${#roles[@]} -eq 0 ]; then
+[ -n "$newest" ] || newest=$default  # without 3.13 the newest stage runs on the default
+[ -n "$oldest" ] || oldest=$default
+if [ -z "$newest" ]; then
   echo "no supported Python (3.10-3.13) found: set PYTHON=/path/to/python3" >&2
   exit 1
 fi
-say "Pythons: $(for r in "${roles[@]}"; do printf '%s %s (%s); ' "${r%%:*}" "$(version_of "${r#*:}")" "${r#*:}"; done)"
-[ -n "$oldest" ] || echo "   no Python 3.10 found (pyenv or PATH; or set PY_OLDEST): the oldest supported version is not tested"
-[ -n "$newest" ] || echo "   no Python 3.13 found (pyenv or PATH; or set PY_NEWEST): the newest supported version is not tested"
+unpriv_python=${UNPRIV_PYTHON:-/usr/bin/python3}
 
-venv_for() {  # venv_for ROLE PYTHON: a virtual environment for the tests, made if missing
-  local dir=".venv-$1" extras=test
-  # The newest Python also gets the benchmark peers and distributed, for the benchmark smoke
-  # run and the Dask tests (elsewhere those skip, saying why).
-  [ "$1" = "${roles[0]%%:*}" ] && extras=test,bench,dask
+# -- virtual environments --------------------------------------------------------------------
+# The packages each stage tests against, named as pip names them, printed with their versions.
+DEPS='anyio|cloudpickle|sniffio|trio|pytest|pytest-asyncio|pytest-timeout|hypothesis|distributed|ruff|mypy'
+
+venv_for() {  # venv_for NAME PYTHON EXTRAS [CONSTRAINTS]: a venv for the tests, made if stale
+  local dir=".venv-$1" python=$2 extras=$3 constraints=${4:-} stale=""
   if [ ! -f "$dir/.installed" ] || [ pyproject.toml -nt "$dir/.installed" ]; then
-    echo "   setting up $dir: Python $(version_of "$2") with nspool[$extras] ..." >&2
+    stale=yes
+  elif [ -z "$constraints" ] && [ -n "$(find "$dir/.installed" -mmin +1440)" ]; then
+    stale=yes  # "the newest releases" are a day's news at most
+  elif [ -n "$constraints" ] && ! cmp -s "$constraints" "$dir/constraints.txt"; then
+    stale=yes
+  fi
+  if [ -n "$stale" ]; then
+    echo "   setting up $dir: Python $(version_of "$python") with nspool[$extras]" \
+      "${constraints:+at the lower bounds}..." >&2
     {
-      rm -rf "$dir"
-      "$2" -m venv "$dir"
-      "$dir/bin/python" -m pip install --quiet --upgrade pip
-      "$dir/bin/python" -m pip install --quiet -e ".[$extras]"
-      touch "$dir/.installed"
-    } >&2  # stdout carries only the folder's name
+      # One chain: a failed install must not leave a venv that looks ready (errexit does
+      # not hold inside a stage, which runs as an `if` condition).
+      rm -rf "$dir" &&
+        "$python" -m venv "$dir" &&
+        "$dir/bin/python" -m pip install --quiet --upgrade pip &&
+        if [ -n "$constraints" ]; then
+          cp "$constraints" "$dir/constraints.txt" &&
+            "$dir/bin/python" -m pip install --quiet --constraint "$dir/constraints.txt" \
+              -e ".[$extras]"
+        else
+          "$dir/bin/python" -m pip install --quiet -e ".[$extras]"
+        fi &&
+        touch "$dir/.installed"
+    } >&2 || return 1  # stdout carries only the folder's name
   fi
   echo "$dir"
 }
 
-stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(lint suite stdlib unprivileged)
+releases() {  # releases VENV: the dependency releases it holds, on one line
+  "$1/bin/python" -m pip list --format=freeze 2>/dev/null | grep -iE "^($DEPS)==" | tr '\n' ' '
+}
+
+newest_venv() { venv_for NEWEST "$newest" test,lint,bench,dask; }
+
+stdlib_harness() {  # stdlib_harness VENV: CPython's own tests, where its test package is
+  local venv=$1
+  if ! "$venv/bin/python" -c 'import test.test_concurrent_futures' 2>/dev/null; then
+    echo "   CPython's ProcessPoolExecutor tests skipped: Python $(version_of "$venv/bin/python")" \
+      "has no test package (test.test_concurrent_futures)"
+    return 0
+  fi
+  say "CPython's ProcessPoolExecutor tests against nspool ($venv)"
+  "$venv/bin/python" tests/stdlib_harness.py
+}
+
+# -- the stages ------------------------------------------------------------------------------
+results=()
 failed=()
+run_stage() {  # run_stage NAME FUNCTION: time it, note its outcome
+  local name=$1 start outcome
+  start=$SECONDS
+  if "$2"; then outcome=passed; else outcome=FAILED; failed+=("$name"); fi
+  results+=("$(printf '%-13s %-7s %4d s  %s' "$name" "$outcome" $((SECONDS - start)) "$stage_note")")
+}
+
+stage_lint() {
+  local venv
+  venv=$(newest_venv) || return 1
+  stage_note="Python $(version_of "$venv/bin/python"): $(releases "$venv" | grep -oE '(ruff|mypy)==[^ ]+' | tr '\n' ' ')"
+  say "lint: ruff and mypy --strict ($venv)"
+  "$venv/bin/ruff" check nspool tests scripts benchmarks && "$venv/bin/mypy"
+}
+
+stage_newest() {
+  local venv ok=0
+  venv=$(newest_venv) || return 1
+  stage_note="Python $(version_of "$venv/bin/python"), newest releases"
+  say "suite, newest releases: Python $(version_of "$venv/bin/python") ($venv)"
+  echo "   $(releases "$venv")"
+  "$venv/bin/python" -m pytest || ok=1
+  stdlib_harness "$venv" || ok=1
+  return $ok
+}
+
+stage_lowest() {
+  local venv constraints ok=0
+  constraints=$PYTEST_DEBUG_TEMPROOT/lower-bounds.txt
+  "$newest" scripts/lower_bounds.py test >"$constraints" || return 1
+  venv=$(venv_for LOWEST "$oldest" test "$constraints") || return 1
+  stage_note="Python $(version_of "$venv/bin/python"), lower bounds"
+  say "suite, the oldest releases pyproject.toml allows: Python $(version_of "$venv/bin/python") ($venv)"
+  echo "   $(releases "$venv")"
+  NSPOOL_RACE_SCALE=${NSPOOL_RACE_SCALE:-0.3} "$venv/bin/python" -m pytest || ok=1
+  stdlib_harness "$venv" || ok=1
+  return $ok
+}
+
+stage_unprivileged() {
+  stage_note="Python $(version_of "$unpriv_python" || echo '?') as uid ${UNPRIV_UID:-1000}, newest releases"
+  if [ "$(id -u)" != 0 ]; then
+    say "unprivileged stage skipped: this run is already unprivileged (uid $(id -u)): the stages above covered it"
+    stage_note="skipped (already unprivileged)"
+    return 0
+  elif ! command -v setpriv >/dev/null; then
+    say "unprivileged stage skipped: it needs setpriv (util-linux) to drop to an unprivileged uid"
+    stage_note="skipped (no setpriv)"
+    return 0
+  fi
+  say "suite as an unprivileged user (scripts/test-unprivileged.sh)"
+  NSPOOL_RACE_SCALE=${NSPOOL_RACE_SCALE:-0.3} bash scripts/test-unprivileged.sh \
+    --ignore=tests/test_races.py --ignore=tests/test_shared_launcher_races.py \
+    --ignore=tests/test_waiting_readers.py --ignore=tests/test_pool_states.py \
+    --ignore=tests/test_pool_core.py --ignore=tests/test_protocol.py
+}
+
+stage_default() {
+  local venv minor covered=""
+  minor=$(minor_of "$default" || true)
+  if [ -z "$minor" ]; then
+    stage_note="skipped (no default python3)"
+    return 0
+  fi
+  if [ "$minor" = "$(minor_of "$newest")" ] || [ "$minor" = "$(minor_of "$oldest")" ]; then
+    covered="the newest or lowest stage"
+  elif [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null \
+    && [ "$minor" = "$(minor_of "$unpriv_python" || true)" ]; then
+    covered="the unprivileged stage"
+  fi
+  if [ -n "$covered" ]; then
+    say "default python3 ($minor) skipped: $covered ran Python $minor"
+    stage_note="skipped: $covered ran Python $minor"
+    return 0
+  fi
+  venv=$(venv_for DEFAULT "$default" test) || return 1
+  stage_note="Python $(version_of "$venv/bin/python"), newest releases"
+  say "suite on the default python3: Python $(version_of "$venv/bin/python") ($venv)"
+  echo "   $(releases "$venv")"
+  NSPOOL_RACE_SCALE=${NSPOOL_RACE_SCALE:-0.3} "$venv/bin/python" -m pytest
+}
+
+stage_soak() {
+  local venv
+  venv=$(newest_venv) || return 1
+  stage_note="Python $(version_of "$venv/bin/python"), NSPOOL_RACE_SCALE=${NSPOOL_RACE_SCALE:-1}"
+  say "race tests, NSPOOL_RACE_SCALE=${NSPOOL_RACE_SCALE:-1} ($venv)"
+  "$venv/bin/python" -m pytest -p no:cacheprovider -q tests/test_races.py
+}
+
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(lint newest lowest unprivileged default)
+say "Pythons: newest $(version_of "$newest") ($newest); oldest $(version_of "$oldest") ($oldest);" \
+  "unprivileged $(version_of "$unpriv_python" || echo none) ($unpriv_python);" \
+  "default ${default:+$(version_of "$default") ($default)}"
+[ "$(minor_of "$oldest")" = 3.10 ] || echo "   no Python 3.10 found (pyenv or PATH; or set PY_OLDEST): the oldest supported version is not tested"
+[ "$(minor_of "$newest")" = 3.13 ] || echo "   no Python 3.13 found (pyenv or PATH; or set PY_NEWEST): the newest supported version is not tested"
 for stage in "${stages[@]}"; do
+  stage_note=""
   case $stage in
-  lint)
-    r=${roles[0]}
-    venv=$(venv_for "${r%%:*}" "${r#*:}")
-    say "lint: ruff and mypy --strict ($venv)"
-    "$venv/bin/ruff" check nspool tests
-    "$venv/bin/mypy"
-    ;;
-  suite)
-    # The unprivileged stage runs the whole suite too: a DEFAULT Python of the same minor
-    # version as its interpreter adds little but another two minutes (the oldest and newest
-    # always run as root, which covers the root-only tests).
-    unpriv_minor=""
-    if [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null \
-      && [[ " ${stages[*]} " == *" unprivileged "* ]]; then
-      unpriv_minor=$(version_of "${UNPRIV_PYTHON:-/usr/bin/python3}") || unpriv_minor=""
-      unpriv_minor=${unpriv_minor%.*}
-    fi
-    for r in "${roles[@]}"; do
-      v=$(version_of "${r#*:}")
-      if [ "${r%%:*}" = DEFAULT ] && [ -n "$unpriv_minor" ] && [ "${v%.*}" = "$unpriv_minor" ]; then
-        say "test suite on Python $v skipped: the unprivileged stage runs it on Python $unpriv_minor"
-        continue
-      fi
-      venv=$(venv_for "${r%%:*}" "${r#*:}")
-      say "test suite on Python $(version_of "${r#*:}") ($venv)"
-      "$venv/bin/python" -m pytest || failed+=("suite on $(version_of "${r#*:}")")
-    done
-    ;;
-  stdlib)
-    for r in "${roles[@]}"; do
-      if ! "${r#*:}" -c 'import test.test_concurrent_futures' 2>/dev/null; then
-        # No virtual environment to make for nothing: the harness would say the same.
-        say "CPython's ProcessPoolExecutor tests skipped on Python $(version_of "${r#*:}"): its test package (test.test_concurrent_futures) is not installed"
-        continue
-      fi
-      venv=$(venv_for "${r%%:*}" "${r#*:}")
-      say "CPython's ProcessPoolExecutor tests against nspool, Python $(version_of "${r#*:}") ($venv)"
-      "$venv/bin/python" tests/stdlib_harness.py || failed+=("stdlib harness on $(version_of "${r#*:}")")
-    done
-    ;;
-  soak)
-    r=${roles[0]}
-    venv=$(venv_for "${r%%:*}" "${r#*:}")
-    say "race tests, NSPOOL_RACE_SCALE=${NSPOOL_RACE_SCALE:-1} ($venv)"
-    "$venv/bin/python" -m pytest -p no:cacheprovider -q tests/test_races.py || failed+=("soak")
-    ;;
-  unprivileged)
-    if [ "$(id -u)" != 0 ]; then
-      say "unprivileged stage skipped: this run is already unprivileged (uid $(id -u)), so the suite above covered it"
-    elif ! command -v setpriv >/dev/null; then
-      say "unprivileged stage skipped: it needs setpriv (util-linux) to drop to an unprivileged uid"
-    else
-      say "test suite as an unprivileged user (scripts/test-unprivileged.sh)"
-      bash scripts/test-unprivileged.sh || failed+=("unprivileged suite")
-    fi
-    ;;
+  lint | newest | lowest | unprivileged | default | soak) run_stage "$stage" "stage_$stage" ;;
   *)
-    echo "unknown stage $stage (lint suite stdlib unprivileged soak)" >&2
+    echo "unknown stage $stage (lint newest lowest unprivileged default soak)" >&2
     exit 2
     ;;
   esac
 done
 
+say "stages (total $SECONDS s)"
+printf '   %s\n' "${results[@]}"
 if [ ${#failed[@]} -gt 0 ]; then
   say "FAILED: ${failed[*]}"
   exit 1

@@ -24,6 +24,8 @@ echo "== copying the sources to $dir and installing nspool[test] for $python ($(
 "$python" -m venv "$dir/.venv"
 "$dir/.venv/bin/python" -m pip install --quiet --upgrade pip
 "$dir/.venv/bin/python" -m pip install --quiet -e "$dir[test]"
+echo "   $("$dir/.venv/bin/python" -m pip list --format=freeze 2>/dev/null \
+  | grep -iE '^(anyio|cloudpickle|sniffio|trio|pytest|pytest-asyncio|hypothesis)==' | tr '\n' ' ')"
 mkdir -p "$dir/home"
 chown "$uid" "$dir/home"
 chmod -R a+rX "$dir"

@@ -17,7 +17,7 @@ USER_SIDE = Path(__file__).parent / "typecheck" / "user_side.py"
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("mypy") is None,
-    reason="mypy is not installed in this environment (the `test` extra brings it)",
+    reason="mypy is not installed in this environment (the `lint` extra brings it)",
 )
 
 
