@@ -53,6 +53,7 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from ._cgroup_errors import CgroupBusyError, CgroupError, CgroupUnavailableError
+from ._sizes import parse_size
 
 __all__ = [
     "CONTROLLERS",
@@ -101,31 +102,11 @@ HOW_TO_GET_ONE = (
 # Limits
 
 
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-
-
 def parse_memory_limit(value: int | str) -> int:
     """Bytes from an int or a string: ``"512M"``, ``"2G"``, ``"1.5g"``, ``"64MiB"``, ``"4096"``
     (K/M/G/T/P are binary multiples: 1K = 1024). Raises ValueError for anything else, or for a
     limit below one page (4 KiB)."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(
-            f"memory_limit must be a number of bytes or a string like '512M', not {value!r}"
-        )
-    if isinstance(value, int):
-        result = value
-    else:
-        m = _MEMORY.match(value)
-        if m is None:
-            raise ValueError(
-                f"memory_limit {value!r} is not a size: use bytes or a number with K, M, G or T "
-                f"(binary multiples), like '512M' or '2G'"
-            )
-        result = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if result < 4096:
-        raise ValueError(f"memory_limit must be at least 4096 bytes (one page), not {value!r}")
-    return result
+    return parse_size(value, "memory_limit", minimum=4096)
 
 
 def parse_pids_limit(value: int) -> int:

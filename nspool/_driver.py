@@ -20,12 +20,15 @@ from ._launch import PoolLink
 from ._pool import Actions, Fate, PoolCore, StopAction, Task, WorkerEnd, WorkerSlot
 from ._protocol import (
     EXIT_MEMORY_LIMIT,
+    USAGE,
     Ctl,
     Frame,
     FrameDecoder,
     InitMsg,
     Kind,
+    LoopFault,
     Op,
+    ProtocolError,
     StateBlock,
     StopReason,
     decode_usage,
@@ -33,6 +36,7 @@ from ._protocol import (
     encode_init_msg,
     encode_task_head,
 )
+from ._sizes import describe as _size
 from ._usage import TaskUsage
 from .errors import (
     BrokenProcessPool,
@@ -75,17 +79,27 @@ class Conn:
         "reader",
         "close_deferred",
         "poller",
+        "answered",
+        "ready_seen",
+        "corrupt",
     )
 
     def __init__(
-        self, slot: WorkerSlot, task_fd: int, result_fd: int, stop_fd: int, state_map: Any
+        self,
+        slot: WorkerSlot,
+        task_fd: int,
+        result_fd: int,
+        stop_fd: int,
+        state_map: Any,
+        max_payload: int,
     ) -> None:
         self.slot = slot
         self.task_fd = task_fd
         self.result_fd = result_fd
         self.stop_fd = stop_fd
         self.state_map = state_map
-        self.decoder = FrameDecoder()
+        # Nothing a worker sends is trusted: its task may have written to the pipe too.
+        self.decoder = FrameDecoder(max_payload=max_payload, check=self.check_header)
         self.out: deque[memoryview] = deque()
         self.writing = False  # the front waits for room in the task pipe
         self.close_after = False  # close task_fd once ``out`` is written
@@ -96,15 +110,53 @@ class Conn:
         #: the result pipe was to be closed while ``reader`` was using it: it closes it
         self.close_deferred = False
         self.poller: Any = None  # the reader's poll object for the result pipe
+        #: seq of the last task whose answer's header was read (answers come in order)
+        self.answered = 0
+        self.ready_seen = False
+        #: why the result pipe was given up (bytes that are not the task loop's), and the seq of
+        #: the task that was to answer next then: the one that wrote them
+        self.corrupt: tuple[str, int] | None = None
+
+    def check_header(self, kind: Kind, ident: int, length: int) -> None:
+        """Refuse a frame header the task loop would not send next (before any room is made
+        for its payload): ProtocolError."""
+        if kind is Kind.OK or kind is Kind.ERR or kind is Kind.SKIPPED or kind is Kind.USAGE:
+            want = self.answered + 1
+            if not self.ready_seen or ident != want or ident > self.slot.last_seq:
+                raise ProtocolError(
+                    f"a {kind.name} frame for task {ident} where the next answer is for task "
+                    f"{want}" + ("" if self.ready_seen else ", before the worker was ready")
+                )
+            if kind is not Kind.USAGE:
+                self.answered = ident
+            elif length != USAGE.size:
+                raise ProtocolError(f"a USAGE frame of {length} bytes")
+        elif kind is Kind.READY:
+            if self.ready_seen or length:
+                raise ProtocolError("a second READY frame")
+            self.ready_seen = True
+        elif kind is Kind.INIT_FAILED:
+            if self.ready_seen:
+                raise ProtocolError("an INIT_FAILED frame after the worker was ready")
+        else:
+            raise ProtocolError(f"a {kind.name} frame, which workers never send")
 
 
 class PoolDriver:
     """Connects a :class:`PoolCore` to the launcher and the worker pipes."""
 
-    def __init__(self, core: PoolCore, launcher: PoolLink, init_payload: bytes | None) -> None:
+    def __init__(
+        self,
+        core: PoolCore,
+        launcher: PoolLink,
+        init_payload: bytes | None,
+        max_result_size: int,
+    ) -> None:
         self.core = core
         self.launcher = launcher
         self.init_payload = init_payload
+        #: the largest frame a worker may send (a result, an exception)
+        self.max_result_size = max_result_size
         self.conns: dict[int, Conn] = {}
         self.broken: BrokenProcessPool | None = None
         self.shutdown_requested = False
@@ -149,7 +201,9 @@ class PoolDriver:
                     done,
                 )
                 return
-            conn = Conn(slot, ends.task_fd, ends.result_fd, ends.stop_fd, ends.state)
+            conn = Conn(
+                slot, ends.task_fd, ends.result_fd, ends.stop_fd, ends.state, self.max_result_size
+            )
             self.conns[slot.wid] = conn
             self._watch_result(conn)
             # Always first: the worker says READY only after its initializer ran.
@@ -190,13 +244,19 @@ class PoolDriver:
         except OSError:
             pass  # EPIPE: the init is gone; its exit follows
 
-    def kill_all(self, sig: int, reason: str) -> list[Completion]:
+    def kill_all(self, sig: int, reason: str, grace: float | None = None) -> list[Completion]:
         """Signal the task process of every worker and let no worker take or requeue work;
         returns the cancellations of the queued tasks. The running tasks' futures settle as
-        their workers exit (a task that already finished keeps its result)."""
+        their workers exit (a task that already finished keeps its result). With ``grace``
+        (SIGTERM), each worker's init kills the whole worker once ``grace`` seconds have
+        passed, whatever the task does with the signal."""
         done: list[Completion] = [(t.handle, None, None) for t in self.core.force(reason)]
         for conn in self.conns.values():
-            self._tell_init(conn.slot.wid, InitMsg(Op.SIGNAL, 0, sig))
+            if grace is not None and sig == signal.SIGTERM:
+                msg = InitMsg(Op.TERMINATE, 0, max(0, int(grace * 1e9)))
+            else:
+                msg = InitMsg(Op.SIGNAL, 0, sig)
+            self._tell_init(conn.slot.wid, msg)
             if sig == signal.SIGKILL:
                 # Also straight to the init: a worker still starting has no task loop yet.
                 self.launcher.kill(conn.slot.wid, sig)
@@ -265,7 +325,11 @@ class PoolDriver:
                 # fd): the worker's exit, which the launcher reports, settles the rest.
                 self._close_result(conn)
                 break
-            decoder.buffer_updated(n)
+            try:
+                decoder.buffer_updated(n)
+            except ProtocolError as exc:
+                self._corrupt(conn, exc)  # the frames read before the bad bytes still count
+                break
             if n < len(buf) and reads is not None:
                 # A pipe read returns less than asked only when the pipe is empty: no need
                 # to ask again (that read would fail with EAGAIN). What comes later wakes
@@ -274,6 +338,17 @@ class PoolDriver:
         now = time.monotonic()
         while (frame := decoder.next_frame()) is not None:
             self._on_frame(conn, frame, now, done)
+
+    def _corrupt(self, conn: Conn, exc: ProtocolError) -> None:
+        """A worker's result pipe carried bytes the task loop never writes: a task (or a
+        library it called) wrote to nspool's pipe. Nothing more can be read from it: kill the
+        worker; its exit fails the task that was to answer next (the one that wrote them),
+        and only it, unless another had started on that worker meanwhile."""
+        conn.corrupt = (str(exc), conn.answered + 1)
+        self._close_result(conn)
+        self.launcher.kill(conn.slot.wid, signal.SIGKILL)
+        if self.launcher.outbox:
+            self._want_control_write()
 
     def _on_frame(self, conn: Conn, frame: Frame, now: float, done: list[Completion]) -> None:
         kind = frame.kind
@@ -356,6 +431,30 @@ class PoolDriver:
             code, sig, how = describe_wait_status(status)
         if conn.slot.forced:
             how += f" (stopped by {conn.slot.forced})"
+        if record.fault is LoopFault.PIPES:
+            how += (
+                ", because the task closed or replaced nspool's pipes (its result could not "
+                "reach this program)"
+            )
+        elif record.fault is LoopFault.PRIVATE_PROC:
+            how += ", because the task undid its private /proc, which could not be mounted again"
+        elif record.fault is LoopFault.TASK_STREAM:
+            how += (
+                ", because its task pipe carried bytes that are not nspool's: a task read from "
+                "or wrote to it"
+            )
+        if record.reason is StopReason.PROTOCOL:
+            how += (
+                " by its init, because the task wrote to nspool's notify pipe what the task "
+                "loop never writes"
+            )
+        corrupt_seq = 0
+        if conn.corrupt is not None:
+            why, corrupt_seq = conn.corrupt
+            wrote = (
+                f"; nspool killed it because its result pipe carried bytes that are not "
+                f"nspool's ({why})"
+            )
         # MemoryLimitError names the pool's limit. A pool without one (track_usage alone) sees
         # OOM kills in its workers' memory cgroups too, from a limit that is not the pool's: a
         # plain worker death, which says who killed it.
@@ -375,9 +474,14 @@ class PoolDriver:
                     signal=sig,
                 )
             elif fate is Fate.DIED:
+                also = ""
+                if corrupt_seq and task.seq == corrupt_seq:
+                    also = wrote + ": this task, or a library it called, wrote to that pipe"
+                elif corrupt_seq:
+                    also = wrote + ": the task before this one on that worker wrote to it"
                 exc = WorkerDiedError(
-                    f"the worker (pid {conn.slot.pid or '?'}) running this task {how}; the "
-                    "pool replaced it",
+                    f"the worker (pid {conn.slot.pid or '?'}) running this task {how}{also}; "
+                    "the pool replaced it",
                     exitcode=code,
                     signal=sig,
                 )
@@ -455,12 +559,3 @@ class PoolDriver:
         call ``launcher.flush()`` until it returns True."""
         raise NotImplementedError
 
-
-def _size(n: object) -> str:
-    """``n`` bytes for people: ``64 MiB (67108864 bytes)``."""
-    if not isinstance(n, int):
-        return "unknown"
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.4g} {unit} ({n} bytes)"
-    return f"{n} bytes"

@@ -14,10 +14,12 @@ Nothing here reads or writes a file descriptor, so every rule is testable on byt
 from __future__ import annotations
 
 import enum
+import mmap
 import struct
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
-Payload = bytes | bytearray | memoryview
+Payload = bytes | bytearray | memoryview | mmap.mmap
 
 # ---------------------------------------------------------------------------------------------
 # Data frames
@@ -27,10 +29,17 @@ Payload = bytes | bytearray | memoryview
 HEADER = struct.Struct("<QBQ")
 HEADER_SIZE = HEADER.size
 
-#: Payloads at least this large are received into a buffer of their own (no re-copying).
+#: Payloads at least this large are received into a buffer of their own (no re-copying): an
+#: anonymous mapping, whose pages the kernel commits only as bytes arrive, so that a length
+#: that is a lie costs nothing until it is backed by data.
 BIG_PAYLOAD = 1 << 20
-#: Upper bound for one frame; guards against reading garbage as a length.
+#: Upper bound for one frame, unless a decoder is given its own; guards against reading
+#: garbage as a length.
 MAX_PAYLOAD = 1 << 40
+
+#: ``check(kind, ident, payload_length)``: called once per frame header as it is parsed, before
+#: any room is made for its payload; raises ProtocolError to refuse it
+HeaderCheck = Callable[["Kind", int, int], None]
 
 
 class Kind(enum.IntEnum):
@@ -137,14 +146,25 @@ class FrameDecoder:
     with :meth:`next_frame` in order.
     """
 
-    def __init__(self, scratch_size: int = 256 * 1024) -> None:
+    def __init__(
+        self,
+        scratch_size: int = 256 * 1024,
+        *,
+        max_payload: int = MAX_PAYLOAD,
+        check: HeaderCheck | None = None,
+    ) -> None:
         self._buf = bytearray()  # unparsed bytes of small frames
         self._frames: list[Frame] = []
         self._next = 0
-        self._big: bytearray | None = None  # payload of a large frame being filled in place
+        self._big: mmap.mmap | None = None  # payload of a large frame being filled in place
         self._big_filled = 0
         self._big_head: tuple[Kind, int] = (Kind.TASK, 0)
         self._scratch = bytearray(scratch_size)
+        self.max_payload = max_payload
+        self._check = check
+        #: the header the unparsed bytes begin with was checked already (its frame was
+        #: incomplete when it was first parsed)
+        self._head_checked = False
 
     # -- input --------------------------------------------------------------------------------
     def feed(self, data: Payload) -> None:
@@ -216,29 +236,44 @@ class FrameDecoder:
         the unparsed rest begins."""
         frames = self._frames
         view = memoryview(buf)
-        while end - pos >= HEADER_SIZE:
-            length, kind_value, ident = _unpack_header(buf, pos)
-            kind = _KINDS.get(kind_value)
-            if kind is None:
-                raise ProtocolError(f"unknown frame kind {kind_value}")
-            if length > MAX_PAYLOAD:
-                raise ProtocolError(f"frame length {length} is too large")
-            start = pos + HEADER_SIZE
-            if end - start >= length:
-                frames.append(Frame(kind, ident, view[start : start + length].tobytes()))
-                pos = start + length
-            elif length >= BIG_PAYLOAD:
-                # Give the payload its own buffer and fill it in place from now on.
-                self._big = bytearray(length)
-                have = end - start
-                self._big[:have] = view[start:end]
-                self._big_filled = have
-                self._big_head = (kind, ident)
-                pos = end
-                break
-            else:
-                break
-        view.release()
+        try:
+            while end - pos >= HEADER_SIZE:
+                length, kind_value, ident = _unpack_header(buf, pos)
+                if self._head_checked:
+                    self._head_checked = False
+                else:
+                    kind = _KINDS.get(kind_value)
+                    if kind is None:
+                        raise ProtocolError(
+                            f"a frame header of unknown kind {kind_value} "
+                            f"(bytes {bytes(view[pos : pos + 8]).hex(' ')}...)"
+                        )
+                    if length > self.max_payload:
+                        raise ProtocolError(
+                            f"a {kind.name} frame of {length} bytes, over the limit of "
+                            f"{self.max_payload}"
+                        )
+                    if self._check is not None:
+                        self._check(kind, ident, length)
+                kind = _KINDS[kind_value]
+                start = pos + HEADER_SIZE
+                if end - start >= length:
+                    frames.append(Frame(kind, ident, view[start : start + length].tobytes()))
+                    pos = start + length
+                elif length >= BIG_PAYLOAD:
+                    # Give the payload its own buffer and fill it in place from now on.
+                    self._big = _big_buffer(kind, length)
+                    have = end - start
+                    self._big[:have] = view[start:end]
+                    self._big_filled = have
+                    self._big_head = (kind, ident)
+                    pos = end
+                    break
+                else:
+                    self._head_checked = True  # parsed again once the rest is here
+                    break
+        finally:
+            view.release()
         return pos
 
     def _finish_big(self) -> None:
@@ -247,6 +282,13 @@ class FrameDecoder:
             self._frames.append(Frame(kind, ident, self._big))
             self._big = None
             self._big_filled = 0
+
+
+def _big_buffer(kind: Kind, length: int) -> mmap.mmap:
+    try:
+        return mmap.mmap(-1, length)
+    except (OSError, OverflowError, ValueError) as exc:
+        raise ProtocolError(f"no room for a {kind.name} frame of {length} bytes: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,12 +367,19 @@ class Op(enum.IntEnum):
     STOP = 1  #: program: stop task ``seq`` (value = StopReason) if it has not finished
     SIGNAL = 2  #: program: send signal ``value`` to the task process
     DEADLINE = 3  #: task loop: task ``seq`` started; stop it at monotonic ns ``value``
+    #: program: SIGTERM to the task process, then, ``value`` ns later, the whole worker is
+    #: killed if it is still there (``terminate_workers()``: a task that ignores or blocks
+    #: SIGTERM cannot keep its worker, or the pool's shutdown, waiting)
+    TERMINATE = 4
 
 
 class StopReason(enum.IntEnum):
     NONE = 0
     KILL = 1  #: the program asked (hard cancel)
     TIMEOUT = 2  #: the task ran past its deadline
+    #: the init killed the worker because its notify pipe carried what the task loop never
+    #: writes (a task wrote to nspool's pipe); recorded with ``stopped`` 0
+    PROTOCOL = 3
 
 
 class InitMsg(NamedTuple):
@@ -367,6 +416,7 @@ def decode_init_msgs(data: bytes) -> tuple[list[InitMsg], bytes]:
 #   word 2   status    the task loop's wait status
 #   word 3   stopped   seq of the task the init stopped (0: none)
 #   word 4   reason    why (StopReason)
+#   word 5   fault     why the task loop gave up, if it did (LoopFault): it sets it itself
 #   word 8.. doomed    slot ``8 + seq % STATE_SLOTS`` holds ``seq`` if that task must be skipped
 #
 # Every access is one aligned 8-byte load or store (memoryview items), so no word is ever
@@ -380,6 +430,18 @@ STATE_SLOTS = 4096
 STATE_SIZE = 8 * (_HEADER_WORDS + STATE_SLOTS)
 
 
+class LoopFault(enum.IntEnum):
+    """Why a task loop ended a worker itself (its state block's word 5)."""
+
+    NONE = 0
+    #: a task closed or replaced one of nspool's pipes (its result would go nowhere)
+    PIPES = 1
+    #: the task pipe carried what the program never writes: a task read from it, or wrote
+    TASK_STREAM = 2
+    #: a task undid the worker's private /proc, and it could not be mounted again
+    PRIVATE_PROC = 3
+
+
 class ExitRecord(NamedTuple):
     """What the program learns from a dead worker's state block."""
 
@@ -388,6 +450,7 @@ class ExitRecord(NamedTuple):
     status: int | None  #: the task loop's wait status, if the init recorded it
     stopped: int  #: seq of the task the init stopped on request or deadline (0: none)
     reason: StopReason
+    fault: LoopFault = LoopFault.NONE  #: why the task loop ended the worker itself
 
 
 class StateBlock:
@@ -422,13 +485,20 @@ class StateBlock:
         w[2], w[3], w[4] = status & 0xFFFFFFFF, stopped, int(reason)
         w[1] = 1
 
+    def set_fault(self, fault: LoopFault) -> None:
+        self.words[5] = int(fault)
+
     def read_record(self) -> ExitRecord:
         started, running = self.started()
         w = self.words
+        try:
+            fault = LoopFault(w[5])
+        except ValueError:
+            fault = LoopFault.NONE
         if not w[1]:
-            return ExitRecord(started, running, None, 0, StopReason.NONE)
+            return ExitRecord(started, running, None, 0, StopReason.NONE, fault)
         try:
             reason = StopReason(w[4])
         except ValueError:
             reason = StopReason.NONE
-        return ExitRecord(started, running, w[2], w[3], reason)
+        return ExitRecord(started, running, w[2], w[3], reason, fault)

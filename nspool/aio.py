@@ -9,6 +9,7 @@ worker running it, with its whole PID namespace, and the pool replaces the worke
 from __future__ import annotations
 
 import asyncio
+import traceback
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -17,7 +18,7 @@ import anyio
 import anyio.lowlevel
 import sniffio
 
-from . import _serialize
+from . import _serialize, _sizes
 from ._driver import Completion, Conn, PoolDriver
 from ._launch import LaunchConfig, PoolLink, cgroups_config, connect
 from ._pool import PoolCore, StopAction, Task, default_max_workers
@@ -75,8 +76,9 @@ class _AsyncEngine(PoolDriver):
         launcher: PoolLink,
         init_payload: bytes | None,
         tg: anyio.abc.TaskGroup,
+        max_result_size: int,
     ) -> None:
-        super().__init__(core, launcher, init_payload)
+        super().__init__(core, launcher, init_payload, max_result_size)
         self.tg = tg
         self.control_writing = False
         # On asyncio, a reader callback registered once per pipe is much cheaper than a task
@@ -103,17 +105,54 @@ class _AsyncEngine(PoolDriver):
         if conn.result_fd < 0:
             return
         done: list[Completion] = []
-        self.on_readable(conn, done)
-        self.kick(done)
+        try:
+            self.on_readable(conn, done)
+            self.kick(done)
+        except Exception as exc:  # noqa: BLE001 - a bug in nspool: stop the pool, say so
+            self._failed(exc, done)
+
+    def _failed(self, exc: Exception, done: list[Completion]) -> None:
+        """nspool's own I/O raised (a bug): fail every call with a clear error instead of
+        leaving them waiting, or cancelling the caller's task group (trio), or only logging
+        "Exception in callback" (asyncio)."""
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+        if self.broken is None:
+            self.break_pool(
+                BrokenProcessPool(
+                    f"nspool's I/O failed, so the pool stopped (a bug in nspool; please report "
+                    f"it): {type(exc).__name__}: {exc}"
+                ),
+                done,
+            )
+        _settle(done)
 
     def _want_write(self, conn: Conn) -> None:
         conn.writing = True
-        self.tg.start_soon(self._writer, conn, conn.task_fd)
+        if self.loop is not None:
+            self.loop.add_writer(conn.task_fd, self._write_ready, conn)
+        else:
+            self.tg.start_soon(self._writer, conn, conn.task_fd)
+
+    def _write_ready(self, conn: Conn) -> None:
+        """asyncio: room in ``conn``'s task pipe."""
+        if self.loop is not None and conn.task_fd >= 0:
+            self.loop.remove_writer(conn.task_fd)
+        conn.writing = False
+        if conn.task_fd >= 0:
+            try:
+                self.flush(conn)  # waits again if some is left; closes a retired worker's pipe
+            except Exception as exc:  # noqa: BLE001
+                self._failed(exc, [])
 
     def _release_fd(self, fd: int) -> None:
         if self.loop is not None:
+            # asyncio: only the loop's own callbacks wait on worker pipes, never an anyio
+            # waiter, and anyio.notify_closing() needs a task (it fails in a bare callback
+            # under plain asyncio.run()).
             self.loop.remove_reader(fd)
-        anyio.notify_closing(fd)  # wakes a reader or writer waiting on it
+            self.loop.remove_writer(fd)
+        else:
+            anyio.notify_closing(fd)  # wakes a reader or writer waiting on it
 
     def _want_control_write(self) -> None:
         if not self.control_writing:
@@ -148,7 +187,7 @@ class _AsyncEngine(PoolDriver):
                 return
             if conn.result_fd != fd:
                 return  # closed by another task between the wake-up and now
-            self._read_and_settle(conn)
+            self._read_and_settle(conn)  # never raises: a failure breaks the pool instead
 
     async def _writer(self, conn: Conn, fd: int) -> None:
         # ``fd``: the pipe as it was when this task was started (see _reader)
@@ -161,9 +200,11 @@ class _AsyncEngine(PoolDriver):
                 if conn.task_fd != fd:
                     return
                 self.flush(conn)
+        except Exception as exc:  # noqa: BLE001 - a bug: fail the calls, spare the caller's group
+            self._failed(exc, [])
         finally:
             conn.writing = False
-            if conn.task_fd == fd and fd >= 0:
+            if conn.task_fd == fd and fd >= 0 and self.broken is None:
                 self.flush(conn)  # closes the pipe if the worker is being retired
 
     async def control(self) -> None:
@@ -173,8 +214,11 @@ class _AsyncEngine(PoolDriver):
             except anyio.ClosedResourceError:
                 return
             done: list[Completion] = []
-            self.on_control(done)
-            self.kick(done)
+            try:
+                self.on_control(done)
+                self.kick(done)
+            except Exception as exc:  # noqa: BLE001
+                self._failed(exc, done)
             if self.broken is not None:
                 return
 
@@ -288,6 +332,7 @@ async def open_pool(
     pids_limit: int | None = None,
     cpu_limit: float | None = None,
     track_usage: bool = False,
+    max_result_size: int | str | None = None,
 ) -> AsyncIterator[AsyncPool]:
     """Open a pool for async code (asyncio or trio, through anyio).
 
@@ -296,6 +341,7 @@ async def open_pool(
     process of the pool and of its tasks is gone.
     """
     init_payload = _serialize.dump_initializer(initializer, initargs)
+    result_limit = _sizes.max_result_size(max_result_size)
     core = PoolCore(max_workers, max_tasks_per_child=max_tasks_per_child, max_batch=max_batch)
     config = LaunchConfig(
         preload=tuple(preload),
@@ -308,7 +354,7 @@ async def open_pool(
     body_exc: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:
-            engine = _AsyncEngine(core, launcher, init_payload, tg)
+            engine = _AsyncEngine(core, launcher, init_payload, tg, result_limit)
             tg.start_soon(engine.control)
             if idle_timeout is not None:
                 tg.start_soon(engine.reap_idle, idle_timeout)

@@ -26,14 +26,14 @@ from concurrent.futures import CancelledError, Executor, Future, InvalidStateErr
 from functools import partial
 from typing import Any, Literal, ParamSpec, TypeVar
 
-from . import _serialize
+from . import _serialize, _sizes
 from ._chunks import process_chunk
 from ._driver import Completion, Conn, PoolDriver
 from ._launch import LaunchConfig, cgroups_config, connect
 from ._pool import PoolCore, StopAction, Task, TState
 from ._protocol import Kind
 from ._usage import TaskUsage
-from .errors import BrokenProcessPool, TaskPicklingError, TaskUnpicklingError
+from .errors import BrokenProcessPool, TaskPicklingError, TaskUnpicklingError, WorkerDiedError
 
 __all__ = ["NSPoolExecutor"]
 
@@ -65,6 +65,7 @@ class _Engine(PoolDriver):
         config: LaunchConfig,
         start_timeout: float,
         max_batch: int,
+        max_result_size: int,
     ) -> None:
         core = PoolCore(
             max_workers,
@@ -72,7 +73,7 @@ class _Engine(PoolDriver):
             claim=self._claim,
             max_batch=max_batch,
         )
-        super().__init__(core, connect(config, start_timeout), init_payload)
+        super().__init__(core, connect(config, start_timeout), init_payload, max_result_size)
         # Re-entrant: a garbage-collected executor asks for shutdown from wherever the
         # collection ran, possibly the I/O thread while it holds this lock.
         self.lock = threading.RLock()
@@ -497,6 +498,10 @@ class NSPoolExecutor(Executor):
             a CPU, ``2``: two CPUs); past it, the kernel throttles it.
         track_usage: measure each task's usage (``NSFuture.usage``) even without limits.
             Any limit turns it on too.
+        max_result_size: the largest result (or exception) a task may send back, in bytes or
+            a string like ``"4G"``; default: this machine's memory. A worker claiming more
+            fails its task before the program makes room for it (and the pool replaces the
+            worker), as does any byte on the result pipe that is not nspool's.
 
     Limits and usage need cgroups: root, or a delegated cgroup v2 subtree when unprivileged.
     Where they can't be had, the constructor raises ``CgroupUnavailableError`` saying why and
@@ -521,10 +526,12 @@ class NSPoolExecutor(Executor):
         pids_limit: int | None = None,
         cpu_limit: float | None = None,
         track_usage: bool = False,
+        max_result_size: int | str | None = None,
     ) -> None:
         init_payload = _serialize.dump_initializer(initializer, initargs)
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be None or > 0")
+        result_limit = _sizes.max_result_size(max_result_size)
         self._task_timeout = task_timeout
         config = LaunchConfig(
             preload=tuple(preload),
@@ -533,7 +540,13 @@ class NSPoolExecutor(Executor):
             cgroups=cgroups_config(memory_limit, pids_limit, cpu_limit, track_usage),
         )
         self._engine = _Engine(
-            max_workers, max_tasks_per_child, init_payload, config, start_timeout, max_batch
+            max_workers,
+            max_tasks_per_child,
+            init_payload,
+            config,
+            start_timeout,
+            max_batch,
+            result_limit,
         )
         self._max_workers = self._engine.core.max_workers  # as the stdlib pool names it
         weakref.finalize(self, self._engine.request_shutdown)
@@ -646,28 +659,52 @@ class NSPoolExecutor(Executor):
         if wait:
             self._engine.join()
 
-    def terminate_workers(self) -> None:
-        """Stop every worker with SIGTERM (3.14 API), failing running tasks and cancelling
-        queued ones, then shut the pool down and wait until it is gone."""
-        self._force(signal.SIGTERM, "terminate_workers()")
+    def terminate_workers(self, grace: float = 2.0) -> None:
+        """Stop every worker (3.14's API) and return at once, as the stdlib's does: queued
+        tasks are cancelled, and every task in a worker fails now with ``WorkerDiedError`` (a
+        ``BrokenProcessPool``; its result, should it still come, is dropped). Each task
+        process gets SIGTERM; a worker still there ``grace`` seconds later (its task ignores
+        or blocks SIGTERM) is killed whole by its init. The pool is shut down;
+        ``shutdown(wait=True)`` (or leaving the ``with`` block) waits until its processes are
+        gone."""
+        if grace < 0:
+            raise ValueError("grace must be >= 0")
+        self._force(signal.SIGTERM, "terminate_workers()", grace)
 
     def kill_workers(self) -> None:
-        """Like :meth:`terminate_workers` with SIGKILL."""
-        self._force(signal.SIGKILL, "kill_workers()")
+        """Like :meth:`terminate_workers` with SIGKILL, to every worker's whole tree at once."""
+        self._force(signal.SIGKILL, "kill_workers()", None)
 
-    def _force(self, sig: int, reason: str) -> None:
+    def _force(self, sig: int, reason: str, grace: float | None) -> None:
         engine = self._engine
         with engine.lock:
-            done = engine.kill_all(sig, reason)
+            done = engine.kill_all(sig, reason, grace)
+            # Failed now, not when their workers are gone: a task that ignores SIGTERM must not
+            # keep its caller waiting, nor win with a result after the pool was stopped. The
+            # tasks stay in their workers' books until those exit, where their late outcomes
+            # find the futures settled and are dropped.
+            for slot in engine.core.workers.values():
+                done += [
+                    (
+                        task.handle,
+                        None,
+                        WorkerDiedError(
+                            f"the task was in a worker (pid {slot.pid or '?'}) when {reason} "
+                            f"stopped the pool's workers ({signal.Signals(sig).name})",
+                            exitcode=None,
+                            signal=sig,
+                        ),
+                    )
+                    for task in slot.inflight
+                ]
         _complete(done)
-        self.shutdown(wait=True)
+        self.shutdown(wait=False)
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             # One Ctrl-C stops everything now instead of waiting for running tasks.
             self.kill_workers()
-        else:
-            self.shutdown(wait=True)
+        self.shutdown(wait=True)
 
 
 def _result_or_cancel(fut: Future[T], end_time: float | None) -> T:

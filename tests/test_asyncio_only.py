@@ -63,3 +63,25 @@ async def test_wait_for_timeout_kills_the_call() -> None:
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(pool.run(tasks.sleep_forever), 0.2)
         assert await pool.run(tasks.square, 3) == 9
+
+
+def test_worker_exits_under_plain_asyncio_run_raise_nothing_in_callbacks() -> None:
+    """Under plain asyncio.run() (no pytest-asyncio task around the loop), a worker's exit seen
+    by the result-pipe reader — max_tasks_per_child, a cancelled call — must not raise in the
+    loop's bare reader callback (the old code called anyio.notify_closing() there, which needs
+    a task: NoEventLoopError, "Exception in callback", for every exit)."""
+
+    async def main() -> list[dict[str, object]]:
+        errors: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+        async with nspool.open_pool(max_workers=1, max_tasks_per_child=1) as pool:
+            for i in range(5):
+                assert await pool.run(tasks.square, i) == i * i
+            for _ in range(3):
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(pool.run(tasks.sleep_forever), 0.1)
+            assert await pool.run(tasks.square, 7) == 49
+        return errors
+
+    errors = asyncio.run(main())
+    assert errors == [], [str(e.get("exception") or e.get("message")) for e in errors]

@@ -254,6 +254,36 @@ def test_terminate_and_kill_workers(method: str) -> None:
         pool.submit(tasks.square, 1)
 
 
+@pytest.mark.parametrize("method", ["terminate_workers", "kill_workers"])
+def test_stopping_the_workers_does_not_wait_for_a_task_that_ignores_sigterm(
+    method: str, tmp_path: Path
+) -> None:
+    """A task that ignores and blocks SIGTERM cannot keep terminate_workers() (or the pool's
+    shutdown) waiting, nor win with its result: the call returns at once with the future
+    failed, and the worker is killed whole once the grace is over (the old code waited until
+    the task finished by itself, and gave its future the result)."""
+    import tasks_containment
+    from _procs import alive, wait_for
+
+    started = tmp_path / "started"
+    pool = NSPoolExecutor(1)
+    try:
+        f = pool.submit(tasks_containment.ignore_sigterm_then_sleep, str(started), 60)
+        assert wait_for(started.exists, 30)
+        pids = pool.worker_pids()
+        begun = time.monotonic()
+        getattr(pool, method)()  # terminate_workers: SIGTERM, and SIGKILL 2 s later
+        assert time.monotonic() - begun < 5, f"{method}() waited for the task"
+        assert f.done(), "the running task's future was not failed at once"
+        exc = f.exception()
+        assert isinstance(exc, WorkerDiedError) and method in str(exc), exc
+        # Its worker is gone within the grace (not after the task's 60 s).
+        assert wait_for(lambda: not any(alive(p) for p in pids), 20), "the worker lived on"
+    finally:
+        pool.shutdown(wait=True)
+    assert f.exception() is exc  # nothing came later to change it
+
+
 def test_initializer_runs_in_every_worker() -> None:
     with NSPoolExecutor(2, initializer=tasks.init_store, initargs=("hi",)) as pool:
         assert pool.submit(tasks.read_store).result() == ["hi"]

@@ -397,7 +397,7 @@ def test_get_buffer_offers_exactly_the_rest_of_a_big_payload() -> None:
     frame = decoder.next_frame()
     assert frame is not None
     assert (frame.kind, frame.ident) == (Kind.OK, 5)
-    assert frame.payload == BIG
+    assert bytes(frame.payload) == BIG
     # Filled in place: the payload is the very buffer handed out.
     assert frame.payload is buf.obj
     assert decoder.get_buffer().nbytes == 4096  # back to the scratch buffer
@@ -449,7 +449,7 @@ def test_unknown_kind_after_good_frames_raises() -> None:
 @pytest.mark.parametrize("length", [MAX_PAYLOAD + 1, 2**63, 2**64 - 1])
 def test_oversize_length_raises(length: int) -> None:
     decoder = FrameDecoder()
-    with pytest.raises(ProtocolError, match="too large"):
+    with pytest.raises(ProtocolError, match="over the limit"):
         decoder.feed(struct.pack("<QBQ", length, int(Kind.OK), 1))
 
 
@@ -534,3 +534,55 @@ def test_short_control_packet_raises(size: int) -> None:
 def test_unknown_control_kind_raises(kind: int) -> None:
     with pytest.raises(ProtocolError, match="kind"):
         decode_control(struct.pack("<BIq", kind, 1, 0))
+
+
+# -- untrusted headers ----------------------------------------------------------------------
+
+
+def test_a_length_over_the_decoders_limit_is_refused_before_any_room_is_made() -> None:
+    """A worker's sizes are never trusted: past ``max_payload`` the header alone fails."""
+    decoder = FrameDecoder(max_payload=1 << 20)
+    with pytest.raises(ProtocolError, match="over the limit of 1048576"):
+        decoder.feed(encode_header(Kind.OK, 1, (1 << 20) + 1))
+    assert decoder.pending_bytes <= HEADER_SIZE
+
+
+def test_a_big_length_that_lies_costs_no_memory_until_bytes_back_it() -> None:
+    """A header claiming 4 GiB (under the limit) and then nothing: its buffer is a mapping
+    whose pages exist only once written, so the program's memory does not grow by 4 GiB."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    decoder = FrameDecoder()
+    decoder.feed(encode_header(Kind.OK, 1, 4 << 30) + b"x" * 100)
+    assert decoder.next_frame() is None
+    assert decoder.get_buffer().nbytes == (4 << 30) - 100
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown < 256 * 1024, f"the program grew by {grown} KiB"
+
+
+@pytest.mark.parametrize("chunk", [1, 7, HEADER_SIZE, 4096])
+def test_each_header_is_checked_once_however_its_bytes_arrive(chunk: int) -> None:
+    seen: list[tuple[Kind, int, int]] = []
+    decoder = FrameDecoder(check=lambda kind, ident, n: seen.append((kind, ident, n)))
+    frames = [(Kind.OK, 1, b"a" * 300), (Kind.ERR, 2, b""), (Kind.OK, 3, BIG)]
+    data = b"".join(encode_frame(k, i, p) for k, i, p in frames)
+    for off in range(0, len(data), chunk):
+        decoder.feed(data[off : off + chunk])
+    assert seen == [(k, i, len(p)) for k, i, p in frames]
+    got = []
+    while (frame := decoder.next_frame()) is not None:
+        got.append((frame.kind, frame.ident, bytes(frame.payload)))
+    assert got == frames
+
+
+def test_a_header_the_check_refuses_raises_and_the_frames_before_it_stay() -> None:
+    def check(kind: Kind, ident: int, n: int) -> None:
+        if ident != 1:
+            raise ProtocolError(f"unexpected {kind.name} {ident}")
+
+    decoder = FrameDecoder(check=check)
+    with pytest.raises(ProtocolError, match="unexpected OK 9"):
+        decoder.feed(encode_frame(Kind.OK, 1, b"ok") + encode_frame(Kind.OK, 9, b"x"))
+    frame = decoder.next_frame()
+    assert frame is not None and (frame.ident, bytes(frame.payload)) == (1, b"ok")

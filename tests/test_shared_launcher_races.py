@@ -381,7 +381,12 @@ def _close_pool(
     if mode == "cancel_futures":
         ex.shutdown(wait=waited, cancel_futures=True)
     elif mode == "kill_workers":
+        # It returns at once; half the time the close then waits for the pool's end, as
+        # leaving a ``with`` block does.
         ex.kill_workers()
+        waited = rng.random() < 0.5
+        if waited:
+            ex.shutdown(wait=True)
     else:
         assert mode in ("kill", "wait", "nowait"), mode
         ex.shutdown(wait=waited)

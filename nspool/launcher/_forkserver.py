@@ -418,8 +418,15 @@ class ForkServer:
         return True
 
     def _leave_launcher(self) -> None:
-        """In a new worker: close everything of the launcher's and of the pools' (none may stay
-        open in a worker), and take back the launcher's signal handlers."""
+        """In a new worker: a session and process group of its own; close everything of the
+        launcher's and of the pools' (none may stay open in a worker), and take back the
+        launcher's signal handlers."""
+        # Process groups cross PID namespaces: in the launcher's group, a task's kill(0, sig),
+        # killpg() or a shell's `trap 'kill 0' EXIT` would reach the launcher, the fork server
+        # and every worker of every pool of the program. In a session of its own, all that
+        # reaches is this worker: its task process and what the task started (this init is
+        # PID 1 of its namespace, where such signals only arrive if it handles them).
+        os.setsid()
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)

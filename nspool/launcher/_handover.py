@@ -35,7 +35,9 @@ def send(sock: socket.socket, what: Any, fds: list[int]) -> None:
 
 def receive(sock: socket.socket) -> tuple[Any, list[int]] | None:
     """Block for one message: (what, fds), or None at EOF (nobody will hand us over)."""
-    data, fds, _, _ = socket.recv_fds(sock, 1 << 16, MAX_FDS)
+    # Close-on-exec, as the fork server makes a forked worker's: a program a task execs must
+    # not inherit nspool's pipes.
+    data, fds, _, _ = socket.recv_fds(sock, 1 << 16, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
     try:
         if not data:
             return None

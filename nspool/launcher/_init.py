@@ -9,7 +9,8 @@ only does what PID 1 must (tini's shape):
   (SIGSTOP + waitpid), reads from the state block which task runs, and either wipes the
   namespace (that task is running), marks the task to be skipped (not started yet), or lets
   the loop go on (it already finished): a stop never hits another task;
-* relays signals (``terminate_workers()``, or a signal sent to it from outside) to the loop;
+* relays signals (a signal sent to it from outside) to the loop, and for
+  ``terminate_workers()`` sends SIGTERM and kills the whole worker once its grace is over;
 * when the task loop ends, kills what is left, stores how the loop ended and which task it
   stopped in the state block, and exits: the kernel then takes the namespace down.
 """
@@ -21,6 +22,7 @@ import os
 import select
 import signal
 import socket
+import sys
 import time
 import traceback
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -29,6 +31,7 @@ from .._protocol import (
     STATE_SIZE,
     InitMsg,
     Op,
+    ProtocolError,
     StateBlock,
     StopReason,
     decode_init_msgs,
@@ -40,10 +43,11 @@ if TYPE_CHECKING:
     from ._taskloop import WorkerOptions
 
 #: signals passed on to the task loop, as tini does (from outside the namespace they would
-#: otherwise not reach PID 1 at all)
+#: otherwise not reach PID 1 at all). Not SIGINT: nobody outside sends it to a worker (Ctrl-C
+#: reaches the program's own process group), while a task's kill(0, SIGINT) reaches its init
+#: too, and relayed it would hit the task a second time while it handles the first.
 RELAYED = (
     signal.SIGTERM,
-    signal.SIGINT,
     signal.SIGHUP,
     signal.SIGQUIT,
     signal.SIGUSR1,
@@ -68,6 +72,8 @@ class Init:
         self.pending = {stop_fd: b"", notify_fd: b""}  # partial messages
         #: the running task's deadline: (seq, CLOCK_MONOTONIC ns)
         self.deadline: tuple[int, int] | None = None
+        #: when the worker must be gone after a TERMINATE (CLOCK_MONOTONIC ns)
+        self.kill_at: int | None = None
         for sig in RELAYED:
             signal.signal(sig, self._relay)
 
@@ -89,8 +95,9 @@ class Init:
         while True:
             self.reap()
             timeout_ms = None
-            if self.deadline is not None:
-                left = self.deadline[1] - time.monotonic_ns()
+            due = [t for t in (self.kill_at, self.deadline and self.deadline[1]) if t]
+            if due:
+                left = min(due) - time.monotonic_ns()
                 timeout_ms = max(0, -(-left // 1_000_000))
             for fd, _ in poller.poll(timeout_ms):
                 if fd == self.wake_fd:
@@ -99,15 +106,25 @@ class Init:
                     except BlockingIOError:
                         pass
                     continue
-                msgs = self.read_msgs(fd)
+                try:
+                    msgs = self.read_msgs(fd)
+                except ProtocolError as exc:
+                    self.corrupted(exc)
                 if msgs is None:
                     poller.unregister(fd)
                     if fd == self.stop_fd:
                         self.finish()  # the program is done with this worker
                     continue
                 for msg in msgs:
+                    if fd == self.notify_fd and msg.op is not Op.DEADLINE:
+                        # The task loop only ever announces deadlines: anything else on its
+                        # pipe was written by the task (or a library it called).
+                        self.corrupted(ProtocolError(f"a {msg.op.name} message"))
                     self.on_msg(msg)
-            if self.deadline is not None and time.monotonic_ns() >= self.deadline[1]:
+            now = time.monotonic_ns()
+            if self.kill_at is not None and now >= self.kill_at:
+                self.finish()  # the grace after SIGTERM is over
+            if self.deadline is not None and now >= self.deadline[1]:
                 seq = self.deadline[0]
                 self.deadline = None
                 self.stop(seq, StopReason.TIMEOUT)
@@ -119,6 +136,16 @@ class Init:
         msgs, self.pending[fd] = decode_init_msgs(self.pending[fd] + data)
         return msgs
 
+    def corrupted(self, exc: ProtocolError) -> NoReturn:
+        """The task loop's notify pipe carried what the loop never writes: the task wrote to
+        nspool's pipe. That worker cannot be trusted any more: end it, and say why."""
+        print(
+            f"nspool: a task wrote to its worker's notify pipe ({exc}); the worker is killed",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.finish(reason=StopReason.PROTOCOL)
+
     def on_msg(self, msg: InitMsg) -> None:
         if msg.op is Op.STOP:
             self.stop(msg.seq, StopReason(msg.value))
@@ -126,6 +153,10 @@ class Init:
             self.signal_loop(msg.value)
         elif msg.op is Op.DEADLINE:
             self.deadline = (msg.seq, msg.value)  # only the running task's deadline matters
+        elif msg.op is Op.TERMINATE:
+            self.signal_loop(signal.SIGTERM)
+            kill_at = time.monotonic_ns() + max(0, msg.value)
+            self.kill_at = kill_at if self.kill_at is None else min(self.kill_at, kill_at)
 
     def reap(self) -> None:
         """Reap every dead child: orphans, and the task loop (then finish)."""

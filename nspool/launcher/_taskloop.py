@@ -11,6 +11,7 @@ whatever the task left running; the init reaps the orphans.
 from __future__ import annotations
 
 import atexit
+import errno
 import mmap
 import os
 import pickle
@@ -27,7 +28,9 @@ from .._protocol import (
     STATE_SIZE,
     InitMsg,
     Kind,
+    LoopFault,
     Op,
+    ProtocolError,
     StateBlock,
     encode_header,
     encode_init_msg,
@@ -69,9 +72,21 @@ def mount_private_proc() -> None:
     _syscalls.unshare(_syscalls.CLONE_NEWNS)
     # Without rprivate, the new /proc would propagate back to the host's mount table.
     _syscalls.mount("none", "/", None, _syscalls.MS_REC | _syscalls.MS_PRIVATE)
+    _mount_proc()
+
+
+def _mount_proc() -> None:
     _syscalls.mount(
         "proc", "/proc", "proc", _syscalls.MS_NOSUID | _syscalls.MS_NODEV | _syscalls.MS_NOEXEC
     )
+
+
+def _proc_is_ours() -> bool:
+    """Whether /proc shows our own PID namespace (its /proc/self is the PID we have here)."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
 
 
 def _write_all(fd: int, bufs: list[bytes | bytearray | memoryview]) -> None:
@@ -160,6 +175,27 @@ def _exit_as_forked_child(exc: BaseException | None) -> NoReturn:
     os._exit(code)
 
 
+#: signals whose disposition a task may change and the next task must not inherit (SIGPIPE:
+#: Python ignores it at start; SIGINT raises KeyboardInterrupt; the rest as _DEFAULT_SIGNALS)
+_WATCHED_SIGNALS = (signal.SIGINT, signal.SIGPIPE, *_DEFAULT_SIGNALS)
+
+
+class _WorkerGone(Exception):
+    """The loop cannot go on: a task took its pipes, or its task stream is not nspool's."""
+
+    def __init__(self, fault: LoopFault, message: str) -> None:
+        super().__init__(message)
+        self.fault = fault
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class TaskLoop:
     def __init__(
         self,
@@ -179,7 +215,40 @@ class TaskLoop:
         self.notify_fd = notify_fd
         self.state = state
         self.kill_leftovers = opts.kill_leftovers
+        self.private_proc = opts.private_proc
         self.pid = os.getpid()
+        #: what our pipes are, to notice a task that closed or replaced one (its result would
+        #: go nowhere, or somewhere else, and the program would wait for it for ever)
+        self.pipes = [(fd, _identity(fd)) for fd in (task_fd, result_fd, notify_fd) if fd >= 0]
+        #: the signal dispositions every task starts with
+        self.dispositions = {sig: signal.getsignal(sig) for sig in _WATCHED_SIGNALS}
+
+    def after_task(self) -> None:
+        """Undo what a task may leave for the next one on this worker: its signal mask and
+        handlers, a pending alarm; and make sure it left nspool's pipes as they were."""
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in self.dispositions.items():
+            if signal.getsignal(sig) is not handler:
+                signal.signal(sig, handler)
+        if self.private_proc and not _proc_is_ours():
+            # A task with the privilege to (root, or the owner of the worker's user namespace)
+            # unmounted the private /proc, or mounted over it: the next task gets it back.
+            try:
+                _mount_proc()
+            except OSError as exc:
+                raise _WorkerGone(
+                    LoopFault.PRIVATE_PROC,
+                    f"a task undid the worker's private /proc, which cannot be mounted again: "
+                    f"{exc}",
+                ) from None
+        for fd, identity in self.pipes:
+            if _identity(fd) != identity:
+                raise _WorkerGone(
+                    LoopFault.PIPES,
+                    f"the task closed or replaced nspool's pipe on fd {fd}: its worker cannot "
+                    "answer any more",
+                )
 
     def send(
         self, kind: Kind, ident: int, payload: bytes | bytearray = b"", before: bytes = b""
@@ -256,7 +325,14 @@ class TaskLoop:
                 n = os.readv(self.task_fd, [decoder.get_buffer()])
                 if n == 0:
                     return 0  # the program closed our task pipe: we are done
-                decoder.buffer_updated(n)
+                try:
+                    decoder.buffer_updated(n)
+                except ProtocolError as exc:
+                    raise _WorkerGone(
+                        LoopFault.TASK_STREAM,
+                        f"the task pipe carried bytes that are not nspool's ({exc}): a task "
+                        "read from or wrote to it",
+                    ) from None
                 continue
             kind = frame.kind
             if kind is Kind.TASK or kind is Kind.TIMED_TASK:
@@ -276,6 +352,7 @@ class TaskLoop:
                 del frame, data
                 _flush_stdio()
                 _wipe_leftovers(self.kill_leftovers)
+                self.after_task()
                 # Each result leaves at once, never held back for a batch: results answer the
                 # tasks in the order they were written. A USAGE frame goes first, same write.
                 head = b"" if begun is None else self.usage_frame(seq, begun, ended)
@@ -295,7 +372,10 @@ class TaskLoop:
                 # Ready only now: a task's deadline never counts the initializer.
                 self.send(Kind.READY, self.host_pid)
             else:
-                raise RuntimeError(f"task loop got an unexpected {kind.name} frame")
+                raise _WorkerGone(
+                    LoopFault.TASK_STREAM,
+                    f"the task pipe carried a {kind.name} frame, which the program never sends",
+                )
 
 
 def _reset_signals() -> None:
@@ -331,6 +411,16 @@ def main(
         code = TaskLoop(task_fd, result_fd, notify_fd, state, options, host_pid, meter).serve()
     except BrokenPipeError:
         pass  # the pool closed its end (shut down while we started): nobody to tell
+    except _WorkerGone as exc:
+        # The program learns why from the state block once the worker is gone.
+        state.set_fault(exc.fault)
+        print(f"nspool: {exc}", file=sys.stderr)
+    except OSError as exc:
+        if exc.errno != errno.EBADF:
+            traceback.print_exc()
+        else:  # a task closed one of our pipes while it ran
+            state.set_fault(LoopFault.PIPES)
+            print(f"nspool: a task closed one of nspool's pipes ({exc})", file=sys.stderr)
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
     finally:
