@@ -9,10 +9,9 @@
 #   lowest        the whole suite and CPython's tests on the oldest supported Python (3.10)
 #                 with the oldest release of every dependency that pyproject.toml allows
 #                 (scripts/lower_bounds.py); the race tests at a third of their length
-#   unprivileged  the suite as uid 1000 (scripts/test-unprivileged.sh) on the system Python,
-#                 newest releases, without the pure-logic tests (pool core, protocol) and the
-#                 race files: their code runs the same for any user, and the stages above run
-#                 them; only when this run is root
+#   unprivileged  as uid 1000 (scripts/test-unprivileged.sh), the system Python, newest
+#                 releases: the tests of what differs for a user without privileges (see
+#                 UNPRIVILEGED_TESTS below); only when this run is root
 #   default       the suite on the default python3 with the newest releases, when its minor
 #                 version is none of the above (else that version is covered already)
 #
@@ -157,6 +156,18 @@ stage_lowest() {
   return $ok
 }
 
+# What differs for an unprivileged user is what the kernel lets it do: the launcher's user
+# namespace, PIDs, a private /proc, file ownership, cgroups (refused, with the error that says
+# why), what a task may do to its worker. The fronts' own logic, the pool core, the protocol,
+# the races and the drop-in and documentation checks run the same code for every user and ran
+# above as root.
+UNPRIVILEGED_TESTS=(
+  tests/test_guarantees.py tests/test_worker_shape.py tests/test_containment.py
+  tests/test_executor_api.py tests/test_shared_launcher.py tests/test_limits.py
+  tests/test_cgroups.py tests/test_doctor.py tests/test_tracebacks.py tests/test_errors.py
+  tests/test_explain.py
+)
+
 stage_unprivileged() {
   stage_note="Python $(version_of "$unpriv_python" || echo '?') as uid ${UNPRIV_UID:-1000}, newest releases"
   if [ "$(id -u)" != 0 ]; then
@@ -169,10 +180,7 @@ stage_unprivileged() {
     return 0
   fi
   say "suite as an unprivileged user (scripts/test-unprivileged.sh)"
-  NSPOOL_RACE_SCALE=${NSPOOL_RACE_SCALE:-0.3} bash scripts/test-unprivileged.sh \
-    --ignore=tests/test_races.py --ignore=tests/test_shared_launcher_races.py \
-    --ignore=tests/test_waiting_readers.py --ignore=tests/test_pool_states.py \
-    --ignore=tests/test_pool_core.py --ignore=tests/test_protocol.py
+  NSPOOL_RACE_SCALE=${NSPOOL_RACE_SCALE:-0.3} bash scripts/test-unprivileged.sh "${UNPRIVILEGED_TESTS[@]}"
 }
 
 stage_default() {
