@@ -278,9 +278,9 @@ def _cmdline(p: Any) -> str:
 
 def _shared_launcher() -> set[int]:
     """nspool's per-program launcher (its two processes; its workers do count)."""
-    from nspool import _launcher_share
+    from nspool._core import shared_launcher
 
-    process = _launcher_share.current()
+    process = shared_launcher.current()
     return set() if process is None else process.pids()
 
 

@@ -152,7 +152,8 @@ def _commit(width: int, index_field: int) -> None:
 # -- worker side (runs in the launcher's fork server, before workers fork) ------------------------
 def _install_worker_hooks() -> None:
     global _shm
-    from nspool import _protocol, _serialize
+    from nspool._core import protocol as _protocol
+    from nspool._core import serialize as _serialize
     from nspool.launcher import _taskloop
 
     _shm = _map_shared(os.environ[ENV_SHM])
@@ -276,7 +277,10 @@ class _Patches:
 
 class ProgramProbe:
     def __init__(self, total: int) -> None:
-        from nspool import _driver, _pool, _serialize, executor
+        from nspool import executor
+        from nspool._core import driver as _driver
+        from nspool._core import pool as _pool
+        from nspool._core import serialize as _serialize
 
         self.records = [[0] * NP for _ in range(total)]
         self.cur: list[int] = self.records[0]  # the caller's current call

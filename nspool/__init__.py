@@ -22,7 +22,7 @@ _LAZY = {
     "BrokenProcessPool": "errors",
     "CgroupUnavailableError": "errors",
     "MemoryLimitError": "errors",
-    "TaskUsage": "_usage",
+    "TaskUsage": "_core.usage",
     "LauncherDiedError": "errors",
     "NamespaceError": "errors",
     "PoolInitializerError": "errors",
@@ -30,7 +30,7 @@ _LAZY = {
     "TaskTimeoutError": "errors",
     "TaskUnpicklingError": "errors",
     "WorkerDiedError": "errors",
-    "close_shared_launcher": "_launcher_share",
+    "close_shared_launcher": "_core.shared_launcher",
 }
 
 __all__ = [
@@ -55,8 +55,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from ._launcher_share import close_shared_launcher
-    from ._usage import TaskUsage
+    from ._core.shared_launcher import close_shared_launcher
+    from ._core.usage import TaskUsage
     from .aio import AsyncPool, current_default_pool_limiter, open_pool, run_sync
     from .errors import (
         BrokenProcessPool,

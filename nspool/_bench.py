@@ -285,7 +285,7 @@ class ProbeError(Exception):
 
 def _probe(mode: str, count: int) -> float:
     """Median spawn time (ms) of one mechanism, timed in a fresh interpreter."""
-    from ._launch import module_command  # (not at the top: workers import this module)
+    from ._core.launcher_link import module_command  # (not at the top: workers import this module)
 
     done = subprocess.run(
         [*module_command("nspool._bench_probe"), mode, str(count)],
@@ -496,7 +496,7 @@ def _cleanup(trees: dict[int, int]) -> int:
     trees. How many there were."""
     from multiprocessing import forkserver, resource_tracker
 
-    from ._launcher_share import close_shared_launcher
+    from ._core.shared_launcher import close_shared_launcher
 
     close_shared_launcher()
 

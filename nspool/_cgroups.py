@@ -53,7 +53,7 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from ._cgroup_errors import CgroupBusyError, CgroupError, CgroupUnavailableError
-from ._sizes import parse_size
+from ._core.sizes import parse_size
 
 __all__ = [
     "CONTROLLERS",

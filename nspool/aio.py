@@ -18,12 +18,12 @@ import anyio
 import anyio.lowlevel
 import sniffio
 
-from . import _serialize, _sizes
-from ._driver import Completion, Conn, PoolDriver
-from ._launch import LaunchConfig, PoolLink, cgroups_config, connect
-from ._pool import PoolCore, StopAction, Task, default_max_workers
-from ._protocol import Kind
-from ._usage import TaskUsage
+from ._core import serialize, sizes
+from ._core.driver import Completion, Conn, PoolDriver
+from ._core.launcher_link import LaunchConfig, PoolLink, cgroups_config, connect
+from ._core.pool import PoolCore, StopAction, Task, default_max_workers
+from ._core.protocol import Kind
+from ._core.usage import TaskUsage
 from .errors import BrokenProcessPool
 
 __all__ = ["AsyncPool", "current_default_pool_limiter", "open_pool", "run_sync"]
@@ -51,9 +51,9 @@ class _Waiter:
 
     def outcome(self) -> Any:
         if self.kind is Kind.OK:
-            return _serialize.load_result(self.value)
+            return serialize.load_result(self.value)
         if self.kind is Kind.ERR:
-            raise _serialize.load_error(self.value)
+            raise serialize.load_error(self.value)
         raise self.value
 
 
@@ -285,7 +285,7 @@ class AsyncPool:
     ) -> _Waiter:
         engine = self._engine
         engine.check_open()
-        payload = _serialize.dump_task(fn, args, {})
+        payload = serialize.dump_task(fn, args, {})
         waiter = _Waiter(engine.event_class)
         task = Task(next(engine.task_ids), payload, waiter)
         engine.core.submit(task)
@@ -340,8 +340,8 @@ async def open_pool(
     lets workers idle that long exit (they are started again on demand). On exit every
     process of the pool and of its tasks is gone.
     """
-    init_payload = _serialize.dump_initializer(initializer, initargs)
-    result_limit = _sizes.max_result_size(max_result_size)
+    init_payload = serialize.dump_initializer(initializer, initargs)
+    result_limit = sizes.max_result_size(max_result_size)
     core = PoolCore(max_workers, max_tasks_per_child=max_tasks_per_child, max_batch=max_batch)
     config = LaunchConfig(
         preload=tuple(preload),

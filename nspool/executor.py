@@ -3,8 +3,8 @@
 One I/O thread per pool waits on every fd at once (control socket, each worker's result pipe,
 task pipes with pending output, a wake-up pipe). ``submit`` pickles in the caller's thread and,
 when a worker has room, writes the task straight to its pipe, so the common path has no thread
-hop on the way out. Scheduling rules live in ``_pool.PoolCore``; process mechanics in
-``_launch`` and ``launcher/``.
+hop on the way out. Scheduling rules live in ``_core.pool.PoolCore``; process mechanics in
+``_core.launcher_link`` and ``launcher/``.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from concurrent.futures import CancelledError, Executor, Future, InvalidStateErr
 from functools import partial
 from typing import Any, Literal, ParamSpec, TypeVar
 
-from . import _serialize, _sizes
-from ._chunks import process_chunk
-from ._driver import Completion, Conn, PoolDriver
-from ._launch import LaunchConfig, cgroups_config, connect
-from ._pool import PoolCore, StopAction, Task, TState
-from ._protocol import Kind
-from ._usage import TaskUsage
+from ._core import serialize, sizes
+from ._core.chunks import process_chunk
+from ._core.driver import Completion, Conn, PoolDriver
+from ._core.launcher_link import LaunchConfig, cgroups_config, connect
+from ._core.pool import PoolCore, StopAction, Task, TState
+from ._core.protocol import Kind
+from ._core.usage import TaskUsage
 from .errors import BrokenProcessPool, TaskPicklingError, TaskUnpicklingError, WorkerDiedError
 
 __all__ = ["NSPoolExecutor"]
@@ -322,13 +322,13 @@ def _complete(done: list[Completion]) -> None:
                     fut.set_exception(CancelledError("the task was cancelled before it ran"))
             elif kind is Kind.OK:
                 try:
-                    result = _serialize.load_result(value)
+                    result = serialize.load_result(value)
                 except TaskUnpicklingError as exc:
                     fut.set_exception(exc)
                 else:
                     fut.set_result(result)
             elif kind is Kind.ERR:
-                fut.set_exception(_serialize.load_error(value))
+                fut.set_exception(serialize.load_error(value))
             else:
                 fut.set_exception(value)
         except InvalidStateError:
@@ -528,10 +528,10 @@ class NSPoolExecutor(Executor):
         track_usage: bool = False,
         max_result_size: int | str | None = None,
     ) -> None:
-        init_payload = _serialize.dump_initializer(initializer, initargs)
+        init_payload = serialize.dump_initializer(initializer, initargs)
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be None or > 0")
-        result_limit = _sizes.max_result_size(max_result_size)
+        result_limit = sizes.max_result_size(max_result_size)
         self._task_timeout = task_timeout
         config = LaunchConfig(
             preload=tuple(preload),
@@ -589,7 +589,7 @@ class NSPoolExecutor(Executor):
         engine.check_open()  # early, unlocked: fail fast before pickling
         fut: NSFuture[T] = NSFuture()
         try:
-            payload = _serialize.dump_task(fn, tuple(args), kwargs or {})
+            payload = serialize.dump_task(fn, tuple(args), kwargs or {})
         except TaskPicklingError as exc:
             fut.set_exception(exc)
             return fut

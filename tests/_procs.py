@@ -48,9 +48,9 @@ def descendants(root: int | None = None) -> dict[int, str]:
 
 def shared_launcher_pids() -> set[int]:
     """The program's shared launcher (outer process, fork server), if one runs."""
-    from nspool import _launcher_share
+    from nspool._core import shared_launcher
 
-    process = _launcher_share.current()
+    process = shared_launcher.current()
     return set() if process is None else process.pids()
 
 
@@ -65,9 +65,9 @@ def comm(pid: int) -> str:
 
 def spare_worker() -> tuple[int, int] | None:
     """(init, task loop) of the shared launcher's spare worker, once it is fully made."""
-    from nspool import _launcher_share
+    from nspool._core import shared_launcher
 
-    process = _launcher_share.current()
+    process = shared_launcher.current()
     if process is None:
         return None
     for init in descendants(process.forkserver_pid):

@@ -76,18 +76,18 @@ def _shared_launcher_pids() -> set[int]:
     """The program's shared launcher (its outer process, fork server and spare worker) is
     meant to outlive the pools, so the test that started it leaks nothing; its pools' workers
     still count."""
-    from nspool import _launcher_share
+    from nspool._core import shared_launcher
 
-    process = _launcher_share.current()
+    process = shared_launcher.current()
     if process is None:
         return set()
     return process.pids()
 
 
 def _shared_launcher_fds() -> set[int]:
-    from nspool import _launcher_share
+    from nspool._core import shared_launcher
 
-    process = _launcher_share.current()
+    process = shared_launcher.current()
     return set() if process is None or process.closed else {process.fileno()}
 
 
@@ -148,9 +148,9 @@ def _cmd(pid: int) -> str:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    from nspool import _launcher_share
+    from nspool._core import shared_launcher
 
-    _launcher_share.close_shared_launcher()  # what the program's exit would do
+    shared_launcher.close_shared_launcher()  # what the program's exit would do
     leftover = {p: c for p, c in nspool_processes().items() if _ours(p)}
     zombies = {p: s for p, s in descendants().items() if s == "Z"}
     cgroups = _our_cgroups(_preexisting_cgroups)

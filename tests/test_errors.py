@@ -14,8 +14,8 @@ import traceback
 import pytest
 
 from nspool import CgroupUnavailableError, TaskTimeoutError
-from nspool._launch import LauncherProcess
-from nspool._protocol import Control, Ctl, encode_control
+from nspool._core.launcher_link import LauncherProcess
+from nspool._core.protocol import Control, Ctl, encode_control
 
 
 def test_task_timeout_error_is_every_timeout_error_an_except_may_name() -> None:

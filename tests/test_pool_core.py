@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from nspool._pool import (
+from nspool._core.pool import (
     TRANSITIONS,
     Actions,
     Ev,

@@ -30,7 +30,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from nspool._pool import Fate, PoolCore, StopAction, Task, TState, WorkerEnd, WState
+from nspool._core.pool import Fate, PoolCore, StopAction, Task, TState, WorkerEnd, WState
 
 PICK = st.integers(0, 7)  # which of the eligible workers or tasks (modulo their number)
 

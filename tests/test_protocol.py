@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from nspool._protocol import (
+from nspool._core.protocol import (
     BIG_PAYLOAD,
     CONTROL,
     EXIT_MEMORY_LIMIT,

@@ -25,7 +25,8 @@ from _procs import (
 )
 
 import nspool
-from nspool import NSPoolExecutor, _launcher_share
+from nspool import NSPoolExecutor
+from nspool._core import shared_launcher
 from nspool.errors import BrokenProcessPool
 
 
@@ -38,7 +39,7 @@ def test_pools_of_a_program_share_one_launcher() -> None:
         assert a.submit(tasks.square, 3).result() == 9
         assert b.submit(tasks.square, 4).result() == 16
         assert a.launcher_pid == b.launcher_pid
-        shared = _launcher_share.current()
+        shared = shared_launcher.current()
         assert shared is not None and shared.pid == a.launcher_pid
     # It outlives them, with nothing under it, for the next pool.
     assert alive(shared.pid) and not _children(shared.forkserver_pid)
@@ -126,7 +127,7 @@ def test_close_shared_launcher_stops_it_and_breaks_open_pools() -> None:
         assert ex.submit(tasks.square, 3).result() == 9
         launcher = ex.launcher_pid
         nspool.close_shared_launcher()
-        assert not alive(launcher) and _launcher_share.current() is None
+        assert not alive(launcher) and shared_launcher.current() is None
         with pytest.raises(BrokenProcessPool):
             ex.submit(tasks.square, 2).result(timeout=10)
     finally:

@@ -1,4 +1,4 @@
-"""Randomised races between pools that share the program's one launcher (``_launcher_share``).
+"""Randomised races between pools that share the program's one launcher (``shared_launcher``).
 
 Every pool of a program (with no ``preload`` and no limits) is served by one launcher: each
 pool has its own socket to the fork server, and closing a pool must kill that pool's workers
@@ -73,7 +73,8 @@ from _racing import (  # noqa: F401 - fixtures used by name
 )
 
 import nspool
-from nspool import BrokenProcessPool, NSPoolExecutor, _launcher_share
+from nspool import BrokenProcessPool, NSPoolExecutor
+from nspool._core import shared_launcher
 from nspool.errors import WorkerDiedError
 
 pytestmark = pytest.mark.timeout(max(120.0, 60.0 * SCALE))
@@ -273,7 +274,7 @@ def check_nothing_left(tr: Tracker, fsrv: int) -> None:
 
 def check_same_launcher(tr: Tracker, shared: int) -> None:
     """The program's shared launcher is still the one (PID ``shared``) its pools began on."""
-    now = _launcher_share.current()
+    now = shared_launcher.current()
     if now is None or now.pid != shared:
         tr.violation(f"the shared launcher changed: {shared} -> {now and now.pid}")
 
@@ -422,7 +423,7 @@ def test_pools_open_and_close_from_threads_beside_a_long_lived_pool(seed: int) -
     tr = Tracker("threads_beside_a_long_lived_pool", seed)
     long = LongLived(tr, rng0)
     shared = long.ex.launcher_pid
-    proc = _launcher_share.current()
+    proc = shared_launcher.current()
     assert proc is not None and proc.pid == shared
     fsrv = proc.forkserver_pid
     rounds = scaled(40)
@@ -490,7 +491,7 @@ def test_daemons_die_with_their_own_pool_only(seed: int) -> None:
     long_daemons: list[int] = []
     long = LongLived(tr, rng0, workers=1, feeders=1, daemons=long_daemons, kill_leftovers=False)
     shared = long.ex.launcher_pid
-    proc = _launcher_share.current()
+    proc = shared_launcher.current()
     assert proc is not None and proc.pid == shared
     fsrv = proc.forkserver_pid
     rounds = scaled(12)
@@ -692,7 +693,7 @@ async def test_async_pools_open_and_close_concurrently_beside_a_long_lived_one(
 
     async with nspool.open_pool(2) as long:
         shared = long.launcher_pid
-        proc = _launcher_share.current()
+        proc = shared_launcher.current()
         assert proc is not None and proc.pid == shared
         fsrv = proc.forkserver_pid
         async with anyio.create_task_group() as warm:
@@ -841,7 +842,7 @@ def test_killing_the_shared_launcher_under_busy_pools(seed: int) -> None:
             break
         rng = random.Random(rng0.getrandbits(32))
         pools = [NSPoolExecutor(rng.randint(1, 3)) for _ in range(rng.randint(2, 3))]
-        proc = _launcher_share.current()
+        proc = shared_launcher.current()
         assert proc is not None
         if any(p.launcher_pid != proc.pid for p in pools):
             tr.violation(f"pools of one round on launchers {[p.launcher_pid for p in pools]}")
@@ -911,7 +912,7 @@ def test_killing_the_shared_launcher_under_busy_pools(seed: int) -> None:
         if not wait_for(lambda: not pool_processes(), GONE):
             tr.violation(f"pool processes left after a round: {pool_processes()}")
     tr.verify_all()
-    proc = _launcher_share.current()
+    proc = shared_launcher.current()
     if proc is not None:
         check_nothing_left(tr, proc.forkserver_pid)
     if not tr.failing() and scaled(24) >= 10:
@@ -936,7 +937,7 @@ def test_pools_race_for_the_spare_while_it_is_killed(seed: int) -> None:
     allowed = {"result", "broken"}
     with NSPoolExecutor(1) as first:
         first.submit(tasks.square, 1).result()  # the shared launcher runs
-    proc = _launcher_share.current()
+    proc = shared_launcher.current()
     assert proc is not None
     launcher = proc.pid
 

@@ -15,7 +15,8 @@ from typing import Any
 import cloudpickle  # type: ignore[import-untyped]
 
 import nspool
-from nspool import NSPoolExecutor, _serialize
+from nspool import NSPoolExecutor
+from nspool._core import serialize
 
 NSPOOL_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(nspool.__file__)))
 
@@ -36,7 +37,7 @@ def test_code_pickled_by_value_keeps_its_file_name() -> None:
 
         return inner
 
-    copy = _serialize.loads(_serialize.dumps(outer))
+    copy = serialize.loads(serialize.dumps(outer))
     assert copy.__code__.co_filename == __file__, cloudpickle.__version__
     assert copy().__code__.co_filename == __file__
 

@@ -14,7 +14,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
-from .._protocol import Control, Ctl, encode_control
+from .._core.protocol import Control, Ctl, encode_control
 from . import _syscalls, add_sys_path
 from ._explain import explain_unshare_error
 

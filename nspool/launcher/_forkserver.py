@@ -3,7 +3,7 @@ per SPAWN request: the init (``_init``) of a fresh nested PID namespace, which f
 loop.
 
 One launcher serves every pool of a program that has no launcher of its own (see
-``_launcher_share``): each pool sends ``NEW_POOL`` with its own socket, and its SPAWN, KILL
+``_core/shared_launcher.py``): each pool sends ``NEW_POOL`` with its own socket, and its SPAWN, KILL
 and EXITED travel on that socket only. When the program shuts a pool's socket, its workers
 (and only they) are killed; the socket is closed once the last one is reaped, which is how the
 program knows they are gone.
@@ -27,7 +27,7 @@ import sys
 import traceback
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
-from .._protocol import (
+from .._core.protocol import (
     EXIT_MEMORY_LIMIT,
     Control,
     Ctl,
@@ -597,7 +597,7 @@ def run(
             "cloudpickle",
             "nspool.launcher._init",
             "nspool.launcher._taskloop",
-            "nspool._chunks",
+            "nspool._core.chunks",
             *config.get("preload", []),
         ]:  # type: ignore[misc]
             try:

@@ -27,7 +27,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .._protocol import (
+from .._core.protocol import (
     STATE_SIZE,
     InitMsg,
     Op,

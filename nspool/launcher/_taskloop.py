@@ -25,8 +25,8 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
-from .. import _serialize, _task_errors
-from .._protocol import (
+from .._core import serialize, task_errors
+from .._core.protocol import (
     STATE_SIZE,
     InitMsg,
     Kind,
@@ -40,7 +40,7 @@ from .._protocol import (
     encode_usage,
     split_task,
 )
-from .._protocol import (
+from .._core.protocol import (
     FrameDecoder as _FrameDecoder,
 )
 from . import _handover, _syscalls
@@ -269,34 +269,34 @@ class TaskLoop:
             deadline = time.monotonic_ns() + int(timeout * 1e9)
             os.write(self.notify_fd, encode_init_msg(InitMsg(Op.DEADLINE, seq, deadline)))
         try:
-            fn, args, kwargs = _serialize.loads(data)
+            fn, args, kwargs = serialize.loads(data)
         except BaseException as exc:  # noqa: BLE001
-            err = _task_errors.TaskUnpicklingError(
+            err = task_errors.TaskUnpicklingError(
                 f"the worker could not unpickle the task: {type(exc).__name__}: {exc}", exc
             )
             err.__traceback__ = exc.__traceback__
-            return Kind.ERR, _serialize.dump_error(err)
+            return Kind.ERR, serialize.dump_error(err)
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - SystemExit too, as the stdlib pool does
             if os.getpid() != self.pid:
                 _exit_as_forked_child(exc)
-            return Kind.ERR, _serialize.dump_error(exc)
+            return Kind.ERR, serialize.dump_error(exc)
         finally:
             del fn, args, kwargs
         if os.getpid() != self.pid:
             _exit_as_forked_child(None)
         try:
-            return Kind.OK, _serialize.dumps_result(result)
+            return Kind.OK, serialize.dumps_result(result)
         except Exception as exc:  # noqa: BLE001
-            perr = _task_errors.TaskPicklingError(
+            perr = task_errors.TaskPicklingError(
                 f"the task's result of type {type(result).__name__} could not be pickled: "
                 f"{type(exc).__name__}: {exc}",
                 exc,
             )
-            return Kind.ERR, _serialize.dump_error(perr)
+            return Kind.ERR, serialize.dump_error(perr)
         except BaseException as exc:  # noqa: BLE001 - SystemExit...: the task's outcome, as the
-            return Kind.ERR, _serialize.dump_error(exc)  # stdlib pool reports it
+            return Kind.ERR, serialize.dump_error(exc)  # stdlib pool reports it
 
     def begin_usage(self) -> tuple[float, Usage] | None:
         """With a meter: restart the peak and read the cgroup before a task (None without)."""
@@ -369,7 +369,7 @@ class TaskLoop:
                 initialized = True
                 try:
                     if len(frame.payload):
-                        initializer, initargs = _serialize.loads(frame.payload)
+                        initializer, initargs = serialize.loads(frame.payload)
                         initializer(*initargs)
                 except BaseException:  # noqa: BLE001
                     self.send(Kind.INIT_FAILED, 0, traceback.format_exc().encode())
@@ -460,7 +460,7 @@ def run_spare(sock: socket.socket, notify_fd: int) -> NoReturn:
 
 
 #: the rehearsal's task, pickled once in the fork server
-_REHEARSAL_CALL = pickle.dumps((abs, (-1,), {}), _serialize.PROTOCOL)
+_REHEARSAL_CALL = pickle.dumps((abs, (-1,), {}), serialize.PROTOCOL)
 
 
 def _rehearse() -> None:

@@ -16,9 +16,18 @@ from concurrent.futures import CancelledError
 from threading import current_thread as _current_thread
 from typing import Any
 
-from ._launch import PoolLink
-from ._pool import Actions, Fate, PoolCore, StopAction, Task, WorkerEnd, WorkerSlot
-from ._protocol import (
+from ..errors import (
+    BrokenProcessPool,
+    LauncherDiedError,
+    MemoryLimitError,
+    PoolInitializerError,
+    TaskTimeoutError,
+    WorkerDiedError,
+    describe_wait_status,
+)
+from .launcher_link import PoolLink
+from .pool import Actions, Fate, PoolCore, StopAction, Task, WorkerEnd, WorkerSlot
+from .protocol import (
     EXIT_MEMORY_LIMIT,
     USAGE,
     Ctl,
@@ -36,17 +45,8 @@ from ._protocol import (
     encode_init_msg,
     encode_task_head,
 )
-from ._sizes import describe as _size
-from ._usage import TaskUsage
-from .errors import (
-    BrokenProcessPool,
-    LauncherDiedError,
-    MemoryLimitError,
-    PoolInitializerError,
-    TaskTimeoutError,
-    WorkerDiedError,
-    describe_wait_status,
-)
+from .sizes import describe as _size
+from .usage import TaskUsage
 
 _live_drivers: weakref.WeakSet[PoolDriver] = weakref.WeakSet()
 

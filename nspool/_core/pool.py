@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._protocol import STATE_SLOTS
+from .protocol import STATE_SLOTS
 
 
 def default_max_workers() -> int:

@@ -1,7 +1,7 @@
 """How tasks, results and errors become bytes (cloudpickle, protocol 5) and back, with error
 messages that name what could not be pickled. Shared by the fronts and the worker.
 
-The worker must not import ``nspool.errors`` (see ``_task_errors``): the functions that only
+The worker must not import ``nspool.errors`` (see ``task_errors``): the functions that only
 run in the program import it where they need it.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
 
-from . import _task_errors
+from . import task_errors
 
 PROTOCOL = 5
 
@@ -115,7 +115,7 @@ def dump_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
     try:
         return dumps((fn, args, kwargs))
     except Exception as exc:
-        from .errors import pickling_error
+        from ..errors import pickling_error
 
         raise pickling_error(
             f"cannot pickle the task {getattr(fn, '__qualname__', fn)!r}: "
@@ -135,7 +135,7 @@ def dump_initializer(
     try:
         return dumps((initializer, tuple(initargs)))
     except Exception as exc:
-        from .errors import pickling_error
+        from ..errors import pickling_error
 
         raise pickling_error(
             f"cannot pickle the initializer or its arguments: {type(exc).__name__}: {exc}",
@@ -153,7 +153,7 @@ def dump_error(exc: BaseException) -> bytes:
     try:
         return dumps((exc, tb))
     except Exception as perr:  # noqa: BLE001
-        sub = _task_errors.TaskPicklingError(
+        sub = task_errors.TaskPicklingError(
             f"the task raised {type(exc).__name__}: {exc!s:.500}, "
             f"which could not be pickled ({type(perr).__name__}: {perr})",
             perr,
@@ -164,7 +164,7 @@ def dump_error(exc: BaseException) -> bytes:
 def load_error(payload: Any) -> BaseException:
     """Rebuild a task's exception (in the program) with the worker's traceback as
     ``__cause__``, as the stdlib pool does."""
-    from .errors import RemoteTraceback, TaskUnpicklingError
+    from ..errors import RemoteTraceback, TaskUnpicklingError
 
     try:
         exc, tb = loads(payload)
@@ -188,7 +188,7 @@ def load_result(payload: Any) -> Any:
     try:
         return loads(payload)
     except BaseException as exc:  # noqa: BLE001
-        from .errors import TaskUnpicklingError
+        from ..errors import TaskUnpicklingError
 
         raise TaskUnpicklingError(
             f"the task's result could not be unpickled here: {type(exc).__name__}: {exc}"

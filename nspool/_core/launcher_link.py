@@ -23,7 +23,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple, NoReturn
 
-from ._protocol import (
+from ..errors import (
+    CgroupUnavailableError,
+    LauncherDiedError,
+    NamespaceError,
+    describe_wait_status,
+)
+from .protocol import (
     STATE_SIZE,
     Control,
     Ctl,
@@ -31,17 +37,12 @@ from ._protocol import (
     decode_control,
     encode_control,
 )
-from .errors import (
-    CgroupUnavailableError,
-    LauncherDiedError,
-    NamespaceError,
-    describe_wait_status,
-)
 
 _F_SETPIPE_SZ = 1031
 #: pipe size asked for (the unprivileged maximum by default): fewer wake-ups for big payloads
 PIPE_SIZE = 1 << 20
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: the folder that holds the nspool package (this file is nspool/_core/launcher_link.py)
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # `python -m MODULE`, made to find this very nspool even when it is not installed, without
 # putting its folder in front of the standard library (as PYTHONPATH would), and without
 # `-c`'s current directory in front, where another nspool checkout may lie.
@@ -86,7 +87,7 @@ def cgroups_config(
     """The ``LaunchConfig.cgroups`` for a pool's options; ValueError for a bad limit."""
     if memory_limit is None and pids_limit is None and cpu_limit is None and not track_usage:
         return None
-    from ._cgroups import Limits  # only pools with limits pay for importing the layer
+    from .._cgroups import Limits  # only pools with limits pay for importing the layer
 
     limits = Limits.parse(memory_limit, pids_limit, cpu_limit)
     return {
@@ -542,7 +543,7 @@ class PoolLink:
 
 def connect(config: LaunchConfig, start_timeout: float = 60.0) -> PoolLink:
     """A new pool's link: to the program's shared launcher, or to a launcher of the pool's
-    own when it needs one (modules to preload, cgroups; see ``_launcher_share``)."""
-    from . import _launcher_share
+    own when it needs one (modules to preload, cgroups; see ``shared_launcher``)."""
+    from . import shared_launcher
 
-    return _launcher_share.connect(config, start_timeout)
+    return shared_launcher.connect(config, start_timeout)

@@ -21,7 +21,7 @@ import atexit
 import os
 import threading
 
-from ._launch import LaunchConfig, LauncherGone, LauncherProcess, PoolLink
+from .launcher_link import LaunchConfig, LauncherGone, LauncherProcess, PoolLink
 
 _lock = threading.Lock()
 _shared: LauncherProcess | None = None

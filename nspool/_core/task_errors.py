@@ -49,7 +49,7 @@ class TaskUnpicklingError(_WorkerSide):
 
 def rebuild(message: str, base: type[BaseException] | None, unpickling: bool) -> BaseException:
     """The program's side of a stand-in (runs while unpickling)."""
-    from . import errors  # only ever runs in the program, which has imported it already
+    from .. import errors  # only ever runs in the program, which has imported it already
 
     if unpickling:
         return errors.TaskUnpicklingError(message)
