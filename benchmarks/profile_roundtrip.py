@@ -89,7 +89,7 @@ P_FIELDS = (
     "on_result0",  # PoolCore.on_result
     "on_result1",
     "on_readable1",
-    "complete0",  # executor._complete entered (lock released)
+    "complete0",  # _complete entered (lock released)
     "load0",  # _serialize.load_result
     "load1",
     "set0",  # Future.set_result (notify_all under the future's condition)
@@ -279,6 +279,7 @@ class ProgramProbe:
     def __init__(self, total: int) -> None:
         from nspool import executor
         from nspool._core import driver as _driver
+        from nspool._core import io_thread as _io_thread
         from nspool._core import pool as _pool
         from nspool._core import serialize as _serialize
 
@@ -321,13 +322,13 @@ class ProgramProbe:
         p.add(_serialize, "dump_task", caller("dump0", "dump1", _serialize.dump_task))
         p.add(_pool.PoolCore, "schedule", caller("sched0", "sched1", _pool.PoolCore.schedule))
         p.add(_driver.PoolDriver, "flush", caller("flush0", "flush1", _driver.PoolDriver.flush))
-        real_enqueue = executor._Engine.enqueue
+        real_enqueue = _io_thread._Engine.enqueue
 
         def enqueue(self: Any, task: Any) -> None:
             probe_.cur[P["locked"]] = now()
             real_enqueue(self, task)
 
-        p.add(executor._Engine, "enqueue", enqueue)
+        p.add(_io_thread._Engine, "enqueue", enqueue)
 
         real_on_readable = _driver.PoolDriver.on_readable
 
@@ -340,7 +341,7 @@ class ProgramProbe:
             rec[P["on_readable1"]] = now()
 
         p.add(_driver.PoolDriver, "on_readable", on_readable)
-        real_read_led = executor._Engine.read_led
+        real_read_led = _io_thread._Engine.read_led
 
         def read_led(self: Any, conn: Any, done: Any) -> None:
             # The waiting thread reads its own result (leader/follower): its poll returned
@@ -348,7 +349,7 @@ class ProgramProbe:
             probe_.cur[P["select_ret"]] = now()
             real_read_led(self, conn, done)
 
-        p.add(executor._Engine, "read_led", read_led)
+        p.add(_io_thread._Engine, "read_led", read_led)
         p.add(_pool.PoolCore, "on_result", io("on_result0", "on_result1", _pool.PoolCore.on_result))
         stamped_complete = io("complete0", "complete1", executor._complete)
 
@@ -357,6 +358,8 @@ class ProgramProbe:
             (stamped_complete if done else executor_complete)(done)
 
         executor_complete = executor._complete
+        # The I/O thread and a waiting caller (NSFuture) each settle futures with it.
+        p.add(_io_thread, "_complete", complete)
         p.add(executor, "_complete", complete)
         p.add(_serialize, "load_result", io("load0", "load1", _serialize.load_result))
         p.add(executor.NSFuture, "set_result", io("set0", "set1", Future.set_result))

@@ -569,11 +569,11 @@ def test_shutdown_while_the_io_thread_ends_leaves_its_closed_wake_pipe_alone(
     """A shutdown request that lands after the I/O thread closed its wake-up pipe but before
     the thread ended must not write to that fd: EBADF (seen in CI), or worse, a byte into
     whatever file took its number meanwhile. The I/O thread is held at that point here."""
-    import nspool.executor as executor_module
+    import nspool._core.io_thread as io_thread
 
     at_the_end = threading.Event()
     go_on = threading.Event()
-    real_complete = executor_module._complete
+    real_complete = io_thread._complete
 
     with NSPoolExecutor(1) as pool:
         assert pool.submit(tasks.square, 2).result(timeout=30) == 4
@@ -585,7 +585,7 @@ def test_shutdown_while_the_io_thread_ends_leaves_its_closed_wake_pipe_alone(
                 at_the_end.set()  # the I/O thread's very last step: its pipes are closed
                 go_on.wait(10)
 
-        monkeypatch.setattr(executor_module, "_complete", held_complete)
+        monkeypatch.setattr(io_thread, "_complete", held_complete)
         pool.shutdown(wait=False)
         assert at_the_end.wait(10)
         try:

@@ -1,5 +1,5 @@
 """A thread waiting in ``NSFuture.result()`` reads its worker's result pipe itself (leader/
-follower, ``executor._Engine.try_lead``). These tests make that path collide with everything
+follower, ``_core.io_thread._Engine.try_lead``). These tests make that path collide with everything
 else that can settle a future or close a pipe: other waiters on the same worker, kills,
 deadlines, crashing workers, cancellations, callbacks that wait on another future of the same
 worker, timeouts, and a shutdown, thousands of times; every future must settle exactly once,
