@@ -52,8 +52,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
-from ._cgroup_errors import CgroupBusyError, CgroupError, CgroupUnavailableError
-from ._core.sizes import parse_size
+from .._cgroup_errors import CgroupBusyError, CgroupError, CgroupUnavailableError
+from .._core.sizes import parse_size
 
 __all__ = [
     "CONTROLLERS",
