@@ -56,10 +56,10 @@ def _skip(peer: object) -> str | None:
     options = ROWS.get(getattr(peer, "name", ""), {})
     if not options:
         return None
-    from nspool import _cgroups
+    from nspool._cgroups import layout
 
     try:
-        problems = {c: w for c, w in _cgroups.check(["memory", "pids", "cpu"]).items() if w}
+        problems = {c: w for c, w in layout.check(["memory", "pids", "cpu"]).items() if w}
     except OSError as exc:
         return f"cgroups cannot be read: {exc}"
     if problems:

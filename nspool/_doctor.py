@@ -83,11 +83,11 @@ _LIMITS = (
 
 def _limit_lines() -> tuple[list[tuple[str, str]], dict[str, object]]:
     """Which limits work here, without writing anything; and the pool options that do."""
-    from . import _cgroups
+    from ._cgroups import layout as _layout
 
     try:
-        layout = _cgroups.detect_layout()
-        problems = _cgroups.check([c for _, c in _LIMITS], layout)
+        layout = _layout.detect_layout()
+        problems = _layout.check([c for _, c in _LIMITS], layout)
     except OSError as exc:
         return [("cgroups", f"cannot be read ({exc})")], {}
     lines = []
@@ -103,7 +103,7 @@ def _limit_lines() -> tuple[list[tuple[str, str]], dict[str, object]]:
         else:
             lines.append((name, f"not available\n    {why}"))
     if any(problems.values()):
-        lines.append(("  to get them", _cgroups.HOW_TO_GET_ONE))
+        lines.append(("  to get them", _layout.HOW_TO_GET_ONE))
     options: dict[str, object] = {}
     if problems["memory"] is None:
         options["memory_limit"] = "256M"

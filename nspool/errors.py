@@ -10,7 +10,7 @@ import sys
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, ClassVar
 
-from ._cgroup_errors import CgroupUnavailableError
+from ._cgroups.errors import CgroupUnavailableError
 
 __all__ = [
     "BrokenProcessPool",

@@ -89,12 +89,14 @@ import os
 import subprocess
 import sys
 
-from nspool import _cgroups as cg
+from nspool._cgroups.layout import detect_layout
+from nspool._cgroups.limits import Limits
+from nspool._cgroups.pool import PoolCgroups
 
-layout = cg.detect_layout()
+layout = detect_layout()
 try:
     # What the launcher asks for with track_usage=True and no limit.
-    with cg.PoolCgroups({"cpuacct"}, ("memory", "cpuacct"), layout=layout) as pool:
+    with PoolCgroups({"cpuacct"}, ("memory", "cpuacct"), layout=layout) as pool:
         w = pool.create_worker(1)
         leaf = w.dirs.get("memory") or w.dirs["cpuacct"]
         print(f"track_usage alone: controllers {sorted(pool.controllers)}, worker leaf {leaf}")
@@ -114,7 +116,7 @@ HOG = (
     "    h.append(bytearray(8 << 20)); h[-1][::4096] = b'x' * len(h[-1][::4096])\n"
 )
 try:
-    with cg.PoolCgroups.for_limits(cg.Limits.parse("64M"), layout=layout) as pool:
+    with PoolCgroups.for_limits(Limits.parse("64M"), layout=layout) as pool:
         w = pool.create_worker(1)
         proc = subprocess.Popen([sys.executable, "-c", HOG], stdin=subprocess.PIPE)
         try:

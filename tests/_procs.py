@@ -136,7 +136,7 @@ def pool_cgroups() -> set[str]:
     hierarchy's own cgroup of this process and its parent, and each hierarchy's root."""
     import glob
 
-    from nspool._cgroups import detect_layout
+    from nspool._cgroups.layout import detect_layout
 
     try:
         layout = detect_layout()
@@ -152,12 +152,12 @@ def pool_cgroups() -> set[str]:
 def cgroups_live_reason() -> str | None:
     """Why the live cgroup tests can't run here (None: they can): they need root and every
     controller the pool uses."""
-    from nspool import _cgroups
+    from nspool._cgroups import layout
 
     if os.geteuid() != 0:
         return "the live cgroup tests need root (unprivileged: see the clear-error tests)"
     try:
-        problems = {c: why for c, why in _cgroups.check(_cgroups.CONTROLLERS).items() if why}
+        problems = {c: why for c, why in layout.check(layout.CONTROLLERS).items() if why}
     except OSError as e:
         return f"cannot read the cgroup layout: {e}"
     return f"no usable controller here: {problems}" if problems else None

@@ -48,7 +48,7 @@ def hog_in_child(spin_us: int = 0) -> int:
 def hog_under_own_limit(n_mib: int) -> None:
     """Put a memory limit of ``n_mib`` MiB on this task's own memory cgroup (its worker's),
     as a limit the pool did not set would, then allocate until the OOM killer ends it."""
-    from nspool._cgroups import detect_layout
+    from nspool._cgroups.layout import detect_layout
 
     h = detect_layout().hierarchies["memory"]
     if h.version == 2:

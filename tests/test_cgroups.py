@@ -1,4 +1,4 @@
-"""The cgroup layer (nspool._cgroups): file-level logic on scratch trees that imitate the v1
+"""The cgroup layer (nspool/_cgroups/): file-level logic on scratch trees that imitate the v1
 and v2 layouts, and live tests on this machine's real cgroups (root; skipped otherwise)."""
 
 from __future__ import annotations
@@ -8,23 +8,26 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from _procs import cgroups_live_reason
 
-from nspool import _cgroups as cg
-from nspool._cgroups import (
-    CgroupBusyError,
-    CgroupUnavailableError,
-    Limits,
-    PoolCgroups,
-    Usage,
+from nspool._cgroups import layout as cg_layout
+from nspool._cgroups import pool as cg_pool
+from nspool._cgroups import removal as cg_removal
+from nspool._cgroups.errors import CgroupBusyError, CgroupError, CgroupUnavailableError
+from nspool._cgroups.layout import (
+    Hierarchy,
+    Layout,
     detect_layout,
-    parse_memory_limit,
     parse_mountinfo,
     parse_proc_cgroup,
 )
+from nspool._cgroups.limits import Limits, parse_memory_limit
+from nspool._cgroups.pool import PoolCgroups
+from nspool._cgroups.worker import Usage, WorkerCgroup
 
 MiB = 1 << 20
 
@@ -164,7 +167,14 @@ def _fake_rmdir(d: str) -> None:
 
 @pytest.fixture
 def fake_fs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cg, "_rmdir", _fake_rmdir)
+    monkeypatch.setattr(cg_removal, "_rmdir", _fake_rmdir)
+
+
+def _patch_write(monkeypatch: pytest.MonkeyPatch, write: Callable[[str, str], None]) -> None:
+    """Put ``write`` in place of the layer's one way of writing a cgroup file, in each module
+    that writes some (placement, the pool's and workers' cgroups, removal)."""
+    for module in (cg_layout, cg_pool, cg_removal):
+        monkeypatch.setattr(module, "_write", write)
 
 
 def v1_tree(root: Path) -> tuple[str, str]:
@@ -299,7 +309,7 @@ def test_v1_pool_on_a_scratch_tree(tmp_path: Path, fake_fs: None) -> None:
     assert not node_mem.exists() and not node_cpu.exists()
     assert not (tmp_path / "pids" / pool.name).exists()
     pool.close()
-    with pytest.raises(cg.CgroupError, match="closed"):
+    with pytest.raises(CgroupError, match="closed"):
         pool.create_worker(5)
 
 
@@ -364,13 +374,13 @@ def test_v2_enables_controllers_where_allowed(
     layout = detect_layout(*v2_tree(tmp_path, parent_enabled="cpu"))
     app = tmp_path / "user.slice" / "user@1000.service" / "app.slice"
     writes: list[tuple[str, str]] = []
-    real_write = cg._write
+    real_write = cg_layout._write
 
     def record(path: str, text: str) -> None:
         writes.append((path, text))
         real_write(path, text)
 
-    monkeypatch.setattr(cg, "_write", record)
+    _patch_write(monkeypatch, record)
     with PoolCgroups.for_limits(Limits.parse(pids_limit=4), layout=layout) as pool:
         # The scope holds the program; app.slice holds none, so pids (required) and memory
         # (for usage) get enabled there, in one write.
@@ -410,12 +420,12 @@ _V2_FILES = {
 def v2_rules(tmp_path: Path, fake_fs: None, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The v2 rules above on ``tmp_path`` (the hierarchy's root); returns the log of what was
     written to any cgroup.subtree_control, as ``"<dir relative to tmp_path>: <text>"``."""
-    real_mkdir, real_write = os.mkdir, cg._write
+    real_mkdir, real_write = os.mkdir, cg_layout._write
     log: list[str] = []
 
     def mkdir(path: str, mode: int = 0o777) -> None:
         real_mkdir(path, mode)
-        enabled = cg._tokens(os.path.join(os.path.dirname(path), "cgroup.subtree_control"))
+        enabled = cg_layout._tokens(os.path.join(os.path.dirname(path), "cgroup.subtree_control"))
         files = {
             "cgroup.procs": "",
             "cgroup.controllers": " ".join(sorted(enabled)) + "\n",
@@ -436,19 +446,19 @@ def v2_rules(tmp_path: Path, fake_fs: None, monkeypatch: pytest.MonkeyPatch) -> 
             real_write(path, text)
             return
         log.append(f"{os.path.relpath(d, tmp_path)}: {text}")
-        available = cg._tokens(os.path.join(d, "cgroup.controllers"))
-        enabled = cg._tokens(path)
+        available = cg_layout._tokens(os.path.join(d, "cgroup.controllers"))
+        enabled = cg_layout._tokens(path)
         for token in text.split():
             if token[:1] not in ("+", "-") or token[1:] not in available:
                 raise OSError(errno.ENOENT, f"{token!r}: controller not available", path)
             (enabled.add if token[0] == "+" else enabled.discard)(token[1:])
         is_root = not os.path.exists(os.path.join(d, "cgroup.type"))
-        if enabled - cg._tokens(path) and not is_root and cg._has_procs(d):
+        if enabled - cg_layout._tokens(path) and not is_root and cg_layout._has_procs(d):
             raise OSError(errno.EBUSY, "no internal processes", path)
         real_write(path, " ".join(sorted(enabled)) + "\n")
 
     monkeypatch.setattr(os, "mkdir", mkdir)
-    monkeypatch.setattr(cg, "_write", write)
+    _patch_write(monkeypatch, write)
     return log
 
 
@@ -502,7 +512,7 @@ def test_v2_usage_alone_without_memory_is_cpu_only(
     scope, with CPU time from cpu.stat and memory figures None; nothing enabled anywhere."""
     layout = detect_layout(*v2_tree(tmp_path, parent_enabled="cpu"))
     scope = layout.hierarchies["memory"].own_dir
-    monkeypatch.setattr(cg, "_writable", lambda path: path.startswith(scope))
+    monkeypatch.setattr(cg_layout, "_writable", lambda path: path.startswith(scope))
     with PoolCgroups({"cpuacct"}, ("memory", "cpuacct"), layout=layout) as pool:
         assert pool.controllers == {"cpuacct"}
         assert pool.nodes["cpuacct"] == os.path.join(scope, pool.name)
@@ -567,7 +577,7 @@ def test_v2_container_root_is_no_hierarchy_root(tmp_path: Path, v2_rules: list[s
     with pytest.raises(CgroupUnavailableError, match="holds processes"):
         PoolCgroups.for_limits(Limits(memory=MiB), layout=layout)
     assert v2_rules == []
-    assert cg.check(["memory"], layout)["memory"] is not None
+    assert cg_layout.check(["memory"], layout)["memory"] is not None
     with PoolCgroups.for_limits(Limits(), layout=layout) as pool:  # usage: CPU time only
         assert pool.controllers == {"cpuacct"}
     assert v2_rules == []
@@ -579,17 +589,17 @@ def test_v2_without_delegation_is_a_clear_error(
     layout = detect_layout(*v2_tree(tmp_path))
     scope = layout.hierarchies["memory"].own_dir
     app = os.path.dirname(scope)
-    monkeypatch.setattr(cg, "_writable", lambda path: path == scope)
+    monkeypatch.setattr(cg_layout, "_writable", lambda path: path == scope)
     with pytest.raises(CgroupUnavailableError) as info:
         PoolCgroups.for_limits(Limits(memory=MiB), layout=layout)
     msg = str(info.value)
     assert "holds processes" in msg and f"{app} is not writable" in msg
     assert "systemd-run --user --scope -p Delegate=yes" in msg
-    assert cg.check(["memory"], layout)["memory"] is not None
+    assert cg_layout.check(["memory"], layout)["memory"] is not None
     assert not any(p.name.startswith("nspool-") for p in tmp_path.rglob("*"))
     # usage alone never fails: the figures it can't get are None
-    monkeypatch.setattr(cg, "_writable", lambda path: True)
-    assert cg.check(["memory", "cpuacct"], layout) == {"memory": None, "cpuacct": None}
+    monkeypatch.setattr(cg_layout, "_writable", lambda path: True)
+    assert cg_layout.check(["memory", "cpuacct"], layout) == {"memory": None, "cpuacct": None}
 
 
 def test_v2_controller_not_passed_down(tmp_path: Path, fake_fs: None) -> None:
@@ -606,14 +616,14 @@ def test_v1_unwritable_and_missing_controllers(
 ) -> None:
     mountinfo, proc_cgroup = v1_tree(tmp_path)
     layout = detect_layout(mountinfo, proc_cgroup)
-    monkeypatch.setattr(cg, "_writable", lambda path: False)
+    monkeypatch.setattr(cg_layout, "_writable", lambda path: False)
     with pytest.raises(CgroupUnavailableError, match="cgroup v1 has no delegation"):
         PoolCgroups.for_limits(Limits(memory=MiB), layout=layout)
     # optional accounting that can't be had is left out, not an error
     with PoolCgroups.for_limits(Limits(), layout=layout) as pool:
         assert pool.controllers == frozenset()
     layout = detect_layout(mountinfo.replace("rw,pids", "rw,freezer"), proc_cgroup)
-    monkeypatch.setattr(cg, "_writable", lambda path: True)
+    monkeypatch.setattr(cg_layout, "_writable", lambda path: True)
     with pytest.raises(CgroupUnavailableError, match="pids: the cgroup v2 .* no cgroup v1"):
         PoolCgroups.for_limits(Limits(pids=5), layout=layout)
     with pytest.raises(ValueError, match="unknown cgroup controller"):
@@ -628,7 +638,7 @@ def test_remove_stale(tmp_path: Path, fake_fs: None) -> None:
     busy = _mkcg(tmp_path / "pids" / f"nspool-{dead}-beef", {"cgroup.procs": "77\n"})
     mine = _mkcg(tmp_path / "memory" / "job" / "7" / f"nspool-{os.getpid()}-1234")
     other = _mkcg(tmp_path / "pids" / "somebody-else")
-    assert cg.remove_stale(layout) == [str(stale)]
+    assert cg_removal.remove_stale(layout) == [str(stale)]
     assert busy.exists() and mine.exists() and other.exists()
 
 
@@ -682,7 +692,7 @@ CHILD = textwrap.dedent(
 )
 
 
-def _start_in(pool: PoolCgroups, w: cg.WorkerCgroup, what: str) -> subprocess.Popen[str]:
+def _start_in(pool: PoolCgroups, w: WorkerCgroup, what: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, what],
         stdin=subprocess.PIPE,
@@ -723,7 +733,7 @@ def test_live_memory_limit_oom_kills_the_process() -> None:
             # among them; one hog reads 2. One OOM event took the group: oom_group_kill
             # (Linux >= 5.16) says so exactly.
             assert kills is not None and kills >= 1
-            events = cg._keyed(os.path.join(w.dirs["memory"], "memory.events"))
+            events = cg_pool._keyed(os.path.join(w.dirs["memory"], "memory.events"))
             assert events.get("oom_group_kill", 1) == 1, events
         pool.remove(w)
         assert not os.path.exists(w.dirs["memory"])
@@ -792,7 +802,7 @@ def test_live_close_kills_what_is_left_and_removes_everything() -> None:
     assert not any(os.path.exists(n) for n in nodes)
 
 
-def _v2_cpu_only_layout() -> cg.Layout | None:
+def _v2_cpu_only_layout() -> Layout | None:
     """This machine's cgroup2 mount as the hierarchy for CPU time alone (cpu.stat needs no
     controller), whatever serves the controllers; None without a cgroup2 mount we are in."""
     with open("/proc/self/mountinfo") as f:
@@ -800,10 +810,10 @@ def _v2_cpu_only_layout() -> cg.Layout | None:
     with open("/proc/self/cgroup") as f:
         path = parse_proc_cgroup(f.read()).get("")
     for m in mounts:
-        own = None if path is None or m.fstype != "cgroup2" else cg._own_dir(m, path)
+        own = None if path is None or m.fstype != "cgroup2" else cg_layout._own_dir(m, path)
         if own is not None:
-            h = cg.Hierarchy(2, m.mountpoint, own, frozenset({"cpuacct"}), m.readonly)
-            return cg.Layout({"cpuacct": h})
+            h = Hierarchy(2, m.mountpoint, own, frozenset({"cpuacct"}), m.readonly)
+            return Layout({"cpuacct": h})
     return None
 
 
@@ -848,7 +858,7 @@ def test_live_v2_leaf_cpu_time_and_kill() -> None:
 @pytest.mark.skipif(os.geteuid() == 0, reason="checks the unprivileged error; running as root")
 def test_unprivileged_without_delegation_is_a_clear_error() -> None:
     layout = detect_layout()
-    if cg.check(["memory"], layout)["memory"] is None:
+    if cg_layout.check(["memory"], layout)["memory"] is None:
         pytest.skip("this user has a delegated, writable memory controller")
     with pytest.raises(CgroupUnavailableError, match="systemd-run --user --scope"):
         PoolCgroups.for_limits(Limits.parse(memory_limit="64M"))
@@ -935,11 +945,12 @@ def test_remove_pool_by_name(tmp_path: Path, fake_fs: None) -> None:
     pool.create_worker(1)
     nodes = set(pool.nodes.values())
     assert all(os.path.isdir(n) for n in nodes)
-    assert set(cg.remove_pool(pool.name, layout)) == nodes  # as the launcher does at its end
+    # As the launcher does at its end:
+    assert set(cg_removal.remove_pool(pool.name, layout)) == nodes
     assert not any(os.path.exists(n) for n in nodes)
-    assert cg.remove_pool(pool.name, layout) == []
+    assert cg_removal.remove_pool(pool.name, layout) == []
     with pytest.raises(ValueError, match="not an nspool pool"):
-        cg.remove_pool("../etc", layout)
+        cg_removal.remove_pool("../etc", layout)
 
 
 @live

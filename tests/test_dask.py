@@ -242,9 +242,9 @@ def test_a_late_plugin_reaches_running_and_new_workers(client: Client, tmp_path:
 
 
 def test_resource_limits_reach_the_pools_of_dask_workers(client: Client) -> None:
-    from nspool import _cgroups
+    from nspool._cgroups import layout
 
-    if os.geteuid() != 0 or _cgroups.check(["memory"])["memory"] is not None:
+    if os.geteuid() != 0 or layout.check(["memory"])["memory"] is not None:
         pytest.skip("needs a usable memory controller (root here)")
     import tasks_limits
 

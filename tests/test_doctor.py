@@ -30,9 +30,9 @@ def test_doctor_reports_a_working_machine() -> None:
         "usage: track_usage",
     ):
         assert needle in out.stdout, out.stdout
-    from nspool import _cgroups
+    from nspool._cgroups import layout
 
-    usable = [c for c, why in _cgroups.check(["memory", "pids", "cpu"]).items() if why is None]
+    usable = [c for c, why in layout.check(["memory", "pids", "cpu"]).items() if why is None]
     if usable:
         assert "live: pool with limits                        ok" in out.stdout, out.stdout
         assert "a task touching 32 MiB measured: peak memory" in out.stdout
@@ -73,13 +73,14 @@ def test_the_constructor_raises_namespace_error_when_namespaces_are_off() -> Non
 def test_doctor_says_when_usage_is_cpu_time_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """track_usage works with CPU time alone where no memory controller can be had (v2:
     cpu.stat is everywhere): the report says its memory_peak will be None."""
-    from nspool import _cgroups, _doctor
+    from nspool import _doctor
+    from nspool._cgroups import layout
 
-    h = _cgroups.Hierarchy(2, "/sys/fs/cgroup", "/sys/fs/cgroup/a.scope", frozenset({"cpuacct"}))
-    monkeypatch.setattr(_cgroups, "detect_layout", lambda: _cgroups.Layout({"cpuacct": h}))
+    h = layout.Hierarchy(2, "/sys/fs/cgroup", "/sys/fs/cgroup/a.scope", frozenset({"cpuacct"}))
+    monkeypatch.setattr(layout, "detect_layout", lambda: layout.Layout({"cpuacct": h}))
     no = "not delegated"
     checked = {"memory": no, "pids": no, "cpu": no, "cpuacct": None}
-    monkeypatch.setattr(_cgroups, "check", lambda controllers, layout: checked)
+    monkeypatch.setattr(layout, "check", lambda controllers, layout: checked)
     lines, options = _doctor._limit_lines()
     usage = dict(lines)["usage: track_usage"]
     assert usage.startswith("ok (cgroup v2, /sys/fs/cgroup/a.scope)")

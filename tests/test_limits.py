@@ -29,7 +29,7 @@ from nspool import (
     WorkerDiedError,
     open_pool,
 )
-from nspool import _cgroups as cg
+from nspool._cgroups import layout as cg_layout
 from nspool.errors import BrokenProcessPool, LauncherDiedError
 
 MiB = 1 << 20
@@ -91,7 +91,7 @@ def test_worker_died_errors_pickle_whole() -> None:
 def _unprivileged_reason() -> str | None:
     if os.geteuid() == 0:
         return "checks the unprivileged error; running as root"
-    if cg.check(["memory"])["memory"] is None:
+    if cg_layout.check(["memory"])["memory"] is None:
         return "this user has a delegated, writable memory controller"
     return None
 

@@ -78,9 +78,9 @@ def test_readme_example_runs_as_written(
     if "dask" in code:
         pytest.importorskip("distributed", reason="the Dask example needs nspool[dask]")
     if "memory_limit=" in code:
-        from nspool import _cgroups
+        from nspool._cgroups import layout
 
-        why = {c: w for c, w in _cgroups.check(["memory", "pids", "cpu"]).items() if w}
+        why = {c: w for c, w in layout.check(["memory", "pids", "cpu"]).items() if w}
         if why:
             pytest.skip(f"the limits example needs cgroups this user can't have here: {why}")
     script = tmp_path / "example.py"

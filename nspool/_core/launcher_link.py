@@ -87,7 +87,7 @@ def cgroups_config(
     """The ``LaunchConfig.cgroups`` for a pool's options; ValueError for a bad limit."""
     if memory_limit is None and pids_limit is None and cpu_limit is None and not track_usage:
         return None
-    from .._cgroups import Limits  # only pools with limits pay for importing the layer
+    from .._cgroups.limits import Limits  # only pools with limits pay for importing the layer
 
     limits = Limits.parse(memory_limit, pids_limit, cpu_limit)
     return {

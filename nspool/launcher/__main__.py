@@ -19,7 +19,7 @@ from . import _syscalls, add_sys_path
 from ._explain import explain_unshare_error
 
 if TYPE_CHECKING:
-    from .._cgroups import PoolCgroups
+    from .._cgroups.pool import PoolCgroups
 
 
 def main() -> NoReturn:
@@ -83,11 +83,14 @@ def main() -> NoReturn:
 
 
 def _make_cgroups(spec: dict[str, object], ctrl: socket.socket) -> PoolCgroups:
-    from .. import _cgroups
+    from .._cgroups.layout import detect_layout
+    from .._cgroups.limits import Limits
+    from .._cgroups.pool import PoolCgroups
+    from .._cgroups.removal import remove_stale
 
     try:
         pids = spec.get("pids")
-        limits = _cgroups.Limits(
+        limits = Limits(
             memory=spec.get("memory"),  # type: ignore[arg-type]
             # +1: the worker's init counts too; the user's figure is the task's tree
             pids=None if pids is None else int(pids) + 1,  # type: ignore[call-overload]
@@ -96,9 +99,9 @@ def _make_cgroups(spec: dict[str, object], ctrl: socket.socket) -> PoolCgroups:
         required = set(limits.controllers())
         if spec.get("usage"):
             required.add("cpuacct")
-        layout = _cgroups.detect_layout()
-        _cgroups.remove_stale(layout)  # left by launchers that were killed with SIGKILL
-        return _cgroups.PoolCgroups(required, ("memory", "cpuacct"), limits=limits, layout=layout)
+        layout = detect_layout()
+        remove_stale(layout)  # left by launchers that were killed with SIGKILL
+        return PoolCgroups(required, ("memory", "cpuacct"), limits=limits, layout=layout)
     except OSError as exc:
         ctrl.send(encode_control(Control(Ctl.LIMITS_ERROR, 0, exc.errno or 0, str(exc))))
         os._exit(1)
@@ -107,10 +110,10 @@ def _make_cgroups(spec: dict[str, object], ctrl: socket.socket) -> PoolCgroups:
 def _remove_cgroups(cgroups: PoolCgroups | None) -> None:
     if cgroups is None:
         return
-    from .. import _cgroups
+    from .._cgroups.removal import remove_pool
 
     try:
-        _cgroups.remove_pool(cgroups.name, cgroups.layout)
+        remove_pool(cgroups.name, cgroups.layout)
     except OSError as exc:
         print(f"nspool: the pool's cgroups could not be removed: {exc}", file=sys.stderr)
 

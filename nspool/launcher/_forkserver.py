@@ -40,7 +40,8 @@ from ._explain import explain_private_proc
 from ._taskloop import WorkerOptions, mount_private_proc
 
 if TYPE_CHECKING:
-    from .._cgroups import PoolCgroups, WorkerCgroup
+    from .._cgroups.pool import PoolCgroups
+    from .._cgroups.worker import WorkerCgroup
 
 #: how often the fork server retries removing a dead worker's cgroup the kernel still holds
 _REMOVE_RETRY_MS = 20

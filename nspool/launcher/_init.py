@@ -39,7 +39,8 @@ from .._core.protocol import (
 from . import _handover, _syscalls
 
 if TYPE_CHECKING:
-    from .._cgroups import PoolCgroups, WorkerCgroup
+    from .._cgroups.pool import PoolCgroups
+    from .._cgroups.worker import WorkerCgroup
     from ._taskloop import WorkerOptions
 
 #: signals passed on to the task loop, as tini does (from outside the namespace they would

@@ -46,7 +46,8 @@ from .._core.protocol import (
 from . import _handover, _syscalls
 
 if TYPE_CHECKING:
-    from .._cgroups import PoolCgroups, Usage, UsageMeter, WorkerCgroup
+    from .._cgroups.pool import PoolCgroups
+    from .._cgroups.worker import Usage, UsageMeter, WorkerCgroup
 
 
 class WorkerOptions(NamedTuple):
