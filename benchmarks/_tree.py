@@ -17,7 +17,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 # The /proc checks are those of `python -m nspool bench`, which watches trees the same way.
-from nspool._bench import kill_all, proc_stat, running
+from nspool._tools.bench import kill_all, proc_stat, running
 
 __all__ = ["Tree", "kill_all", "make_tree", "read_tree", "running", "wait_gone"]
 

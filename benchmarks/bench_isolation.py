@@ -1,6 +1,6 @@
 """Isolation overhead: what a PID namespace (and a private /proc) adds to spawning a worker,
 measured on the mechanism alone, without the pool, in a fresh interpreter
-(``nspool._bench_probe``, which ``python -m nspool bench`` runs too)."""
+(``nspool._tools.bench_probe``, which ``python -m nspool bench`` runs too)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def probe(mode: str, count: int) -> list[int]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     done = subprocess.run(
-        [sys.executable, "-m", "nspool._bench_probe", mode, str(count)],
+        [sys.executable, "-m", "nspool._tools.bench_probe", mode, str(count)],
         capture_output=True,
         text=True,
         env=env,
@@ -68,7 +68,7 @@ BENCH = Bench(
     name="isolation",
     title="Isolation overhead: spawning one worker, mechanism alone",
     about=(
-        "From a fresh single-threaded interpreter (`python -m nspool._bench_probe`, like "
+        "From a fresh single-threaded interpreter (`python -m nspool._tools.bench_probe`, like "
         "nspool's launcher, so no thread of the benchmark process matters): the time to fork a "
         "Python child and read one byte it writes to a pipe (the child's exit is not timed), "
         "median of 200 spawns after 5 untimed ones, ms. Rows: a plain `os.fork()`; "

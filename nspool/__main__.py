@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object instead of the table (keys: see the nspool._bench module "
+        help="print one JSON object instead of the table (keys: see the nspool._tools.bench module "
         "docstring); progress lines still go to stderr",
     )
     bench.add_argument(
@@ -57,15 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.command == "demo":
-        from ._demo import main as demo
+        from ._tools.demo import main as demo
 
         return demo()
     if args.command == "doctor":
-        from ._doctor import main as doctor
+        from ._tools.doctor import main as doctor
 
         return doctor()
     if args.command == "bench":
-        from ._bench import run
+        from ._tools.bench import run
 
         return run(quick=args.quick, as_json=args.json)
     return 2  # pragma: no cover - argparse rejects unknown commands

@@ -73,15 +73,15 @@ def test_the_constructor_raises_namespace_error_when_namespaces_are_off() -> Non
 def test_doctor_says_when_usage_is_cpu_time_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """track_usage works with CPU time alone where no memory controller can be had (v2:
     cpu.stat is everywhere): the report says its memory_peak will be None."""
-    from nspool import _doctor
     from nspool._cgroups import layout
+    from nspool._tools import doctor
 
     h = layout.Hierarchy(2, "/sys/fs/cgroup", "/sys/fs/cgroup/a.scope", frozenset({"cpuacct"}))
     monkeypatch.setattr(layout, "detect_layout", lambda: layout.Layout({"cpuacct": h}))
     no = "not delegated"
     checked = {"memory": no, "pids": no, "cpu": no, "cpuacct": None}
     monkeypatch.setattr(layout, "check", lambda controllers, layout: checked)
-    lines, options = _doctor._limit_lines()
+    lines, options = doctor._limit_lines()
     usage = dict(lines)["usage: track_usage"]
     assert usage.startswith("ok (cgroup v2, /sys/fs/cgroup/a.scope)")
     assert "memory_peak is None" in usage

@@ -9,7 +9,7 @@ so it only ever divides figures of the same repeat. Figures:
 - spawn: forking a worker in a new PID namespace (as root: unshare(CLONE_NEWPID) + fork +
   setns back; unprivileged: the same inside a user + PID namespace made first, as nspool does),
   against a plain os.fork() (what ProcessPoolExecutor's fork server does per worker); timed in
-  a fresh single-threaded interpreter (nspool._bench_probe), median of many spawns per repeat.
+  a fresh single-threaded interpreter (nspool._tools.bench_probe), median of many spawns per repeat.
 - spawn_private_proc: the same, with the child also mounting a private /proc.
 - round_trip: submit a trivial function and wait for its result, one call at a time; a repeat's
   figure is its median call.
@@ -285,10 +285,10 @@ class ProbeError(Exception):
 
 def _probe(mode: str, count: int) -> float:
     """Median spawn time (ms) of one mechanism, timed in a fresh interpreter."""
-    from ._core.launcher_link import module_command  # (not at the top: workers import this module)
+    from .._core.launcher_link import module_command  # (not at the top: workers import this module)
 
     done = subprocess.run(
-        [*module_command("nspool._bench_probe"), mode, str(count)],
+        [*module_command("nspool._tools.bench_probe"), mode, str(count)],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -356,7 +356,7 @@ def _pools(stack: ExitStack, workers: int) -> tuple[Executor, Executor]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from .executor import NSPoolExecutor
+    from ..executor import NSPoolExecutor
 
     ns = stack.enter_context(NSPoolExecutor(workers))
     ppe = stack.enter_context(
@@ -496,7 +496,7 @@ def _cleanup(trees: dict[int, int]) -> int:
     trees. How many there were."""
     from multiprocessing import forkserver, resource_tracker
 
-    from ._core.shared_launcher import close_shared_launcher
+    from .._core.shared_launcher import close_shared_launcher
 
     close_shared_launcher()
 
@@ -592,7 +592,7 @@ def _table(figs: dict[str, Figure]) -> list[str]:
 
 def run(quick: bool, as_json: bool) -> int:
     """Measure, print the report (table or JSON) and return the exit status."""
-    from . import __version__
+    from .. import __version__
 
     t0 = time.monotonic()
     p = QUICK if quick else DEFAULT

@@ -54,7 +54,7 @@ def _ps(pid: int) -> str:
 
 
 def main() -> int:
-    from . import NSPoolExecutor
+    from .. import NSPoolExecutor
 
     print(f"program: pid {os.getpid()}, PID namespace {os.readlink('/proc/self/ns/pid')}")
     print()

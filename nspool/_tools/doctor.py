@@ -51,7 +51,7 @@ def _parent_of(pid: int) -> int:
 
 def _try_pool(private_proc: bool = False) -> tuple[str | None, float]:
     """Start a real pool and run one task; (error text or None, seconds taken)."""
-    from . import NSPoolExecutor
+    from .. import NSPoolExecutor
 
     t0 = time.perf_counter()
     try:
@@ -83,7 +83,7 @@ _LIMITS = (
 
 def _limit_lines() -> tuple[list[tuple[str, str]], dict[str, object]]:
     """Which limits work here, without writing anything; and the pool options that do."""
-    from ._cgroups import layout as _layout
+    from .._cgroups import layout as _layout
 
     try:
         layout = _layout.detect_layout()
@@ -124,7 +124,7 @@ def _usage_task() -> int:
 
 def _try_limits(options: dict[str, object]) -> str:
     """Run a task in a pool with every limit that works here; what it measured."""
-    from . import NSPoolExecutor
+    from .. import NSPoolExecutor
 
     t0 = time.perf_counter()
     try:
@@ -144,7 +144,7 @@ def _try_limits(options: dict[str, object]) -> str:
 
 
 def main() -> int:
-    from .launcher._syscalls import SYSCALL_PATH
+    from ..launcher._syscalls import SYSCALL_PATH
 
     root = os.geteuid() == 0
     lines: list[tuple[str, str]] = [
@@ -168,7 +168,7 @@ def main() -> int:
         ),
         ("kernel.unprivileged_userns_clone", _sysctl("/proc/sys/kernel/unprivileged_userns_clone")),
     ]
-    from .launcher._syscalls import CLONE_NEWPID, CLONE_NEWUSER
+    from ..launcher._syscalls import CLONE_NEWPID, CLONE_NEWUSER
 
     userns = _probe(str(CLONE_NEWUSER))
     pidns = _probe(str(CLONE_NEWPID | (0 if root else CLONE_NEWUSER)))

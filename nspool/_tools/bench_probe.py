@@ -1,6 +1,6 @@
-"""Time one worker-spawn mechanism in a fresh, single-threaded interpreter (for ``_bench``).
+"""Time one worker-spawn mechanism in a fresh, single-threaded interpreter (for ``bench``).
 
-    python -m nspool._bench_probe MODE COUNT
+    python -m nspool._tools.bench_probe MODE COUNT
 
 prints a JSON list of COUNT spawn times in ns, after a few untimed ones. A spawn is: fork a
 Python child the way MODE says and read one byte it writes to a pipe; the child's exit and
@@ -29,8 +29,8 @@ import os
 import sys
 import time
 
-from .launcher import _syscalls
-from .launcher._taskloop import mount_private_proc
+from ..launcher import _syscalls
+from ..launcher._taskloop import mount_private_proc
 
 MODES = ("fork", "pidns", "userns", "pidns+proc", "userns+proc")
 WARMUP = 5
@@ -97,7 +97,8 @@ def _in_user_namespace(count: int, proc: bool) -> list[int]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in MODES or not argv[1].isdigit():
-        print(f"usage: python -m nspool._bench_probe {{{','.join(MODES)}}} COUNT", file=sys.stderr)
+        modes = ",".join(MODES)
+        print(f"usage: python -m nspool._tools.bench_probe {{{modes}}} COUNT", file=sys.stderr)
         return 2
     mode, count = argv[0], int(argv[1])
     proc = mode.endswith("+proc")
