@@ -1,71 +1,6 @@
-"""nspool as the process executor of every Dask worker.
-
-::
-
-    import dask
-    from dask.distributed import Client
-    from nspool.dask import NSPoolPlugin
-
-    client = Client()
-    client.register_plugin(NSPoolPlugin(task_timeout=600))   # name="nspool" by default
-    with dask.annotate(executor="nspool"):
-        results = client.gather(client.map(crunch, items))
-
-``NSPoolPlugin(name="nspool", **executor_options)`` is a ``distributed.WorkerPlugin``. On every
-worker, present and future, it puts an executor under ``name`` in ``worker.executors``: an
-:class:`NSPoolExecutor` (``max_workers`` defaults to the worker's thread count,
-``worker.state.nthreads``; every other option passes through), behind a thin front,
-:class:`DaskNSPoolExecutor`, that knows which Dask key each running nspool task belongs to.
-Tasks choose it with ``dask.annotate(executor=name)``. When the worker closes (or the plugin is
-unregistered), the plugin's ``teardown`` kills the pool and everything its tasks started.
-
-For workers started from a shell, ``dask worker SCHEDULER --preload nspool.dask`` installs the
-same plugin (see :func:`dask_setup` for its ``--nspool-...`` options).
-
-How a running Dask task is stopped
-----------------------------------
-Dask alone cannot stop a running task: ``Worker.execute`` hands it to the executor with
-``loop.run_in_executor(executor, _run_task_simple, ts.run_spec, data, delay)`` and the worker's
-state machine just marks the key ``cancelled`` until the call returns. nspool hooks in at
-three points:
-
-1. **Which key is this?** ``DaskNSPoolExecutor.submit`` is called synchronously from
-   ``Worker.execute`` on the worker's event loop, with the task's ``run_spec`` as first
-   argument. Since dask 2024.12 that is a ``dask._task_spec.Task`` that carries its ``.key``;
-   the front checks it is the very ``run_spec`` of that key in ``worker.state.tasks`` and
-   remembers key -> ``NSFuture``. (For older versions, where ``run_spec`` has no key, it falls
-   back to the one key of this executor that ``Worker.execute`` has just added to
-   ``worker.active_keys`` and that has no future yet; if that is ambiguous it does not track
-   the task, which then runs to its end as under Dask alone.)
-2. **Cancel, release, forget.** ``WorkerPlugin.transition(key, start, finish)`` is called
-   by the worker's state machine with the state a task leaves and the state *asked for*.
-   ``client.cancel(future)`` of a running task, or its key released or forgotten by the
-   clients, reaches the worker as ``executing -> released`` (the task's state actually becomes
-   ``cancelled``, since Dask cannot stop it; ``long-running`` likewise). On any move from
-   ``executing``, ``long-running``, ``resumed`` or ``cancelled`` to ``released``,
-   ``cancelled`` or ``forgotten``, the plugin calls ``NSFuture.kill(timeout=0)`` on the
-   key's task: nspool kills it with its whole process tree at once (milliseconds), without
-   blocking the event loop.
-3. **Worker closing.** ``Worker.close`` first cancels its running ``execute`` coroutines; the
-   asyncio future that ``run_in_executor`` wrapped around the front's future then cancels that
-   future, and its callback kills the nspool task the same way. The plugin's ``teardown``
-   then kills the pool. A worker killed outright (nanny restart, memory limit, ``kill -9``)
-   takes its pool with it: nspool's launcher and workers die with the process that owns them.
-
-The future of a task killed this way does not fail with ``CancelledError`` (asyncio would turn
-it into a cancellation of the worker's own ``execute`` coroutine): for ``Worker.execute``'s
-calls it resolves as if the task had raised ``distributed.Reschedule``, so the worker just
-releases a cancelled key (and, should the scheduler have asked for the key again meanwhile,
-it is computed again instead of failing). Other calls fail with :class:`DaskTaskKilled`.
-Other nspool errors (a task that crashes its process, a ``task_timeout``) fail that task
-only, as an ordinary error that Dask retries per its own rules.
-
-Tested with distributed 2026.8.0 (dask 2026.8.0) on CPython 3.13. The transitions the plugin
-sees for ``client.cancel`` of a running task there: ``executing -> released`` (kill); when
-the killed task's future settles, ``cancelled -> rescheduled``; then ``released ->
-forgotten``. Releasing the last future of a running key is stopped by the same hook
-(tests/test_dask.py checks both within a second).
-"""
+"""The Dask worker plugin and the executor it gives each worker: ``NSPoolPlugin`` and
+``DaskNSPoolExecutor`` (the package docstring, ``nspool/dask/__init__.py``, says how they stop
+a running task)."""
 
 from __future__ import annotations
 
@@ -76,15 +11,14 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import click
 from distributed import WorkerPlugin
 
-from .executor import NSFuture, NSPoolExecutor
+from ..executor import NSFuture, NSPoolExecutor
 
 if TYPE_CHECKING:
     from distributed import Worker
 
-__all__ = ["DaskNSPoolExecutor", "DaskTaskKilled", "NSPoolPlugin", "dask_setup"]
+__all__ = ["DaskNSPoolExecutor", "DaskTaskKilled", "NSPoolPlugin"]
 
 T = TypeVar("T")
 
@@ -98,10 +32,16 @@ class DaskTaskKilled(Exception):
     """The nspool task of a Dask key was killed because Dask no longer wants the key
     (cancelled, released, forgotten) or the worker closed."""
 
+    # Public as nspool.dask.DaskTaskKilled, as the other classes here: tracebacks and reprs
+    # name them so, and pickle finds them there (the package re-exports them).
+    __module__ = "nspool.dask"
+
 
 class DaskNSPoolExecutor(Executor):
     """The executor a Dask worker holds: an :class:`NSPoolExecutor` (``pool``) that knows
     which Dask key each running task belongs to, so that :meth:`kill_key` can stop it."""
+
+    __module__ = "nspool.dask"
 
     def __init__(self, worker: Worker, name: str, **options: Any) -> None:
         options.setdefault("max_workers", worker.state.nthreads)
@@ -233,6 +173,8 @@ class NSPoolPlugin(WorkerPlugin):
     releases or forgets its key, and the pool is killed when the worker closes.
     """
 
+    __module__ = "nspool.dask"
+
     def __init__(self, name: str = "nspool", **executor_options: Any) -> None:
         if name == "default":
             raise ValueError(
@@ -266,54 +208,3 @@ class NSPoolPlugin(WorkerPlugin):
         ex = self._executor
         if ex is not None and finish in STOP_STATES and start in RUNNING_STATES:
             ex.kill_key(key)
-
-
-@click.command()
-@click.option(
-    "--nspool-name",
-    default="nspool",
-    show_default=True,
-    help="The executor's name, for dask.annotate(executor=NAME).",
-)
-@click.option(
-    "--nspool-max-workers", type=int, help="nspool workers per Dask worker (default: its threads)."
-)
-@click.option("--nspool-task-timeout", type=float, help="A deadline in seconds for every task.")
-@click.option("--nspool-preload", multiple=True, help="A module the launcher imports (repeatable).")
-@click.option(
-    "--nspool-kill-leftovers/--nspool-keep-leftovers",
-    default=True,
-    help="Kill what a task leaves running as soon as it ends (default), or keep it until "
-    "its worker exits.",
-)
-@click.option(
-    "--nspool-private-proc/--nspool-shared-proc",
-    default=False,
-    help="Give each nspool worker a /proc of its own.",
-)
-def dask_setup(
-    worker: Any,
-    nspool_name: str,
-    nspool_max_workers: int | None,
-    nspool_task_timeout: float | None,
-    nspool_preload: tuple[str, ...],
-    nspool_kill_leftovers: bool,
-    nspool_private_proc: bool,
-) -> Any:
-    """``dask worker SCHEDULER --preload nspool.dask [--nspool-task-timeout 600 ...]``:
-    install :class:`NSPoolPlugin` on a worker started from a shell. The options follow the
-    preload on the command line (distributed hands them to this click command)."""
-    from distributed import Worker
-
-    if not isinstance(worker, Worker):
-        raise TypeError("nspool.dask is a worker preload: use --preload, not --preload-nanny")
-    options: dict[str, Any] = {
-        "preload": nspool_preload,
-        "kill_leftovers": nspool_kill_leftovers,
-        "private_proc": nspool_private_proc,
-    }
-    if nspool_max_workers is not None:
-        options["max_workers"] = nspool_max_workers
-    if nspool_task_timeout is not None:
-        options["task_timeout"] = nspool_task_timeout
-    return worker.plugin_add(NSPoolPlugin(nspool_name, **options), catch_errors=False)
