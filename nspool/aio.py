@@ -20,9 +20,10 @@ import sniffio
 
 from ._core import serialize, sizes
 from ._core.driver import Completion, Conn, PoolDriver
-from ._core.launcher_link import LaunchConfig, PoolLink, cgroups_config, connect
+from ._core.launcher_link import LaunchConfig, PoolLink, cgroups_config
 from ._core.pool import PoolCore, StopAction, Task, default_max_workers
 from ._core.protocol import Kind
+from ._core.shared_launcher import connect
 from ._core.usage import TaskUsage
 from .errors import BrokenProcessPool
 

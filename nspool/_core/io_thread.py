@@ -21,9 +21,10 @@ from concurrent.futures import CancelledError, InvalidStateError
 from ..errors import BrokenProcessPool, TaskUnpicklingError
 from . import serialize
 from .driver import Completion, Conn, PoolDriver
-from .launcher_link import LaunchConfig, connect
+from .launcher_link import LaunchConfig
 from .pool import PoolCore, Task, TState
 from .protocol import Kind
+from .shared_launcher import connect
 
 #: a task in these states has a worker, whose result pipe will answer it
 _IN_WORKER = (TState.SENT, TState.STOPPING)

@@ -539,11 +539,3 @@ class PoolLink:
                 break
         self._done = True
         self.sock.close()
-
-
-def connect(config: LaunchConfig, start_timeout: float = 60.0) -> PoolLink:
-    """A new pool's link: to the program's shared launcher, or to a launcher of the pool's
-    own when it needs one (modules to preload, cgroups; see ``shared_launcher``)."""
-    from . import shared_launcher
-
-    return shared_launcher.connect(config, start_timeout)

@@ -34,7 +34,9 @@ def shareable(config: LaunchConfig) -> bool:
 
 
 def connect(config: LaunchConfig, start_timeout: float) -> PoolLink:
-    """The link of a new pool with ``config`` (see the module's docstring)."""
+    """The link of a new pool with ``config``: to the program's shared launcher, or to a
+    launcher of the pool's own when it needs one (see the module's docstring). Every pool
+    opens here; ``launcher_link`` knows nothing of sharing."""
     if not shareable(config):
         process = LauncherProcess(config, start_timeout)
         try:
