@@ -44,16 +44,6 @@ class Usage(NamedTuple):
             oom_kills=kills,
         )
 
-    def as_dict(self) -> dict[str, float | int | None]:
-        return {
-            "cpu_user": self.cpu_user,
-            "cpu_system": self.cpu_system,
-            "cpu_total": self.cpu_total,
-            "memory_peak": self.memory_peak,
-            "memory_current": self.memory_current,
-            "oom_kills": self.oom_kills,
-        }
-
 
 class WorkerCgroup:
     """A worker's cgroup: one directory per hierarchy in use (``dirs`` by controller)."""

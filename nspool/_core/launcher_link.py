@@ -533,8 +533,6 @@ class PoolLink:
             try:
                 if not self.sock.recv(65536):
                     break
-            except InterruptedError:
-                continue
             except OSError:
                 break
         self._done = True

@@ -159,15 +159,11 @@ class Fate(enum.Enum):
 
 @dataclass
 class ExitOutcome:
-    """What a worker's exit means for its tasks."""
+    """What a worker's exit means for its tasks (those it had not started went back to the
+    front of the queue)."""
 
-    slot: WorkerSlot
     #: tasks that end with the worker, in the order they were sent
     ended: list[tuple[Task, Fate]]
-    #: tasks it had been given but had not started: they went back to the queue
-    requeued: int
-    #: whether it died before it ever became ready
-    during_startup: bool
 
 
 class PoolCore:
@@ -328,7 +324,7 @@ class PoolCore:
         self.queue.extendleft(reversed(requeue))
         if during_startup:
             self._startup_failures += 1
-        return ExitOutcome(slot, ended, len(requeue), during_startup)
+        return ExitOutcome(ended)
 
     def force(self, reason: str) -> list[Task]:
         """Every worker is being stopped as a whole (``kill_workers()``...): they get no more

@@ -1,6 +1,6 @@
 """Wire protocol, sans I/O: bytes in, messages out.
 
-Two channels exist (see DESIGN.md):
+Two channels exist (docs/architecture.md, "The process tree", lists every channel):
 
 * **Data frames** travel on a pipe pair between the program and one worker: tasks one way,
   results the other. A frame is a fixed header ``(payload length, kind, ident)`` followed by the

@@ -110,11 +110,6 @@ class DaskNSPoolExecutor(Executor):
             fut = self._running.get(key)
         return fut is not None and _kill_now(fut)
 
-    def running_keys(self) -> list[Hashable]:
-        """The Dask keys whose task runs in this pool now."""
-        with self._lock:
-            return list(self._running)
-
     def _dask_key(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Hashable | None:
         """The key ``Worker.execute`` runs this call for, or None if it is not such a call
         or it cannot be told for sure."""

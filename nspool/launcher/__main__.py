@@ -71,12 +71,7 @@ def main() -> NoReturn:
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, stop)
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
+    _, status = os.waitpid(pid, 0)
     # The fork server was PID 1 of the pool's namespace: every worker is gone or going.
     _remove_cgroups(cgroups)
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF)

@@ -132,7 +132,8 @@ class ForkServer:
         self.spare_wanted = self.keeps_spare
         self.private_proc_error: str | None = None
         self.private_proc_probed = False
-        # Our own PID namespace, to return to after each unshare (see DESIGN.md section 2).
+        # Our own PID namespace, to return to after each unshare: a second unshare(CLONE_NEWPID)
+        # is refused until we are back (docs/architecture.md, "How the namespaces are made").
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
@@ -302,12 +303,7 @@ class ForkServer:
         os.close(w)
         with os.fdopen(r, "rb") as f:
             err = f.read().decode(errors="replace")
-        while True:
-            try:
-                os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
+        os.waitpid(pid, 0)
         return err or None
 
     def spawn(self, pool: Pool, wid: int, fds: list[int]) -> None:

@@ -1,7 +1,7 @@
 """The init of a worker's PID namespace: PID 1 there, and it never runs user code.
 
-It forks the task loop (at a PID unique on the machine, see DESIGN.md section 2) and then
-only does what PID 1 must (tini's shape):
+It forks the task loop (at a PID unique on the machine; see docs/architecture.md, "How the
+namespaces are made") and then only does what PID 1 must (tini's shape):
 
 * reaps every orphan as it dies, so zombies never pile up while a task runs;
 * carries out stops exactly: a stop request from the program (its stop pipe) or the running
