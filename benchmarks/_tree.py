@@ -1,9 +1,9 @@
 """A task that starts a tree of blocking processes, and /proc checks on it from outside.
 
-``make_tree`` runs in a worker: it starts ``n`` processes (fork, then exec of ``sleep``, so every
-tree process is equally small whatever the worker's size), one in ``DAEMON_EVERY`` of them a
-daemon (double fork with ``setsid`` in between, so it is reparented away from the worker),
-writes every PID to a file, then blocks.
+``make_tree`` runs in a worker: it starts ``n`` processes (``start_tree`` of
+``python -m nspool bench``: fork, then exec of ``sleep``, so every tree process is equally small
+whatever the worker's size; one in ten a daemon, a double fork with ``setsid`` in between, so
+it is reparented away from the worker), writes every PID to a file, then blocks.
 PIDs are as the host sees them (``readlink /proc/self`` reads the host's /proc even inside a
 worker's PID namespace), so the benchmark can watch them.
 """
@@ -11,18 +11,16 @@ worker's PID namespace), so the benchmark can watch them.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
-# The /proc checks are those of `python -m nspool bench`, which watches trees the same way.
-from nspool._tools.bench import kill_all, proc_stat, running
+# The tree and the /proc checks are those of `python -m nspool bench`, which watches trees the
+# same way.
+from nspool._tools.bench import kill_all, proc_stat, running, start_tree
 
 __all__ = ["Tree", "kill_all", "make_tree", "read_tree", "running", "wait_gone"]
 
-#: one process in this many is a setsid'd double-forked daemon
-DAEMON_EVERY = 10
 #: a safety net: tree processes exit on their own after this long, whatever happens
 LIFETIME = 120.0
 
@@ -32,40 +30,13 @@ def host_pid() -> int:
     return int(os.readlink("/proc/self"))
 
 
-def _child(w: int, daemon: bool, sleep: str) -> None:
-    """Body of a tree process (never returns): report the PID, then become ``sleep``."""
-    try:
-        if daemon:
-            os.setsid()
-            if os.fork():
-                os._exit(0)  # the intermediate parent: the daemon is orphaned
-        os.write(w, b"%c%d\n" % (b"d" if daemon else b"p", host_pid()))
-        os.close(w)
-        os.execv(sleep, [sleep, str(int(LIFETIME))])
-    finally:
-        os._exit(0)
-
-
 def make_tree(n: int, path: str) -> None:
     """Start ``n`` processes, write ``w<worker pid>`` and one ``p<pid>``/``d<pid>`` line each
     to ``path`` (atomically, by rename), then block until killed (or ``LIFETIME``)."""
-    sleep = shutil.which("sleep") or "/bin/sleep"
-    r, w = os.pipe()
-    for i in range(n):
-        daemon = i % DAEMON_EVERY == DAEMON_EVERY - 1
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            _child(w, daemon, sleep)
-        if daemon:
-            os.waitpid(pid, 0)  # the intermediate parent exits at once
-    os.close(w)
-    chunks = []
-    while chunk := os.read(r, 65536):  # EOF once every tree process wrote and closed
-        chunks.append(chunk)
-    os.close(r)
+    tree = start_tree(n, LIFETIME)
+    lines = b"".join(b"%c%d\n" % (b"d" if daemon else b"p", pid) for pid, daemon in tree)
     with open(path + ".tmp", "wb") as f:
-        f.write(b"w%d\n" % host_pid() + b"".join(chunks))
+        f.write(b"w%d\n" % host_pid() + lines)
     os.rename(path + ".tmp", path)
     time.sleep(LIFETIME)
 

@@ -1,4 +1,5 @@
-"""Run the benchmark suite and write ``benchmarks/results/<date>.md``, ``latest.md`` and plots.
+"""Run the benchmark suite: write ``benchmarks/results/<date>.md``, ``latest.md`` (a link to it)
+and plots.
 
     python -m benchmarks.run [--quick] [--only NAME ...] [--out DIR] [--no-plots]
     python benchmarks/run.py ...
@@ -239,8 +240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = _report.markdown(results, meta, plots)
     if final:
         text += "\n**Processes left after the whole run (killed):** " + "; ".join(final) + "\n"
-    for name in (f"{day}.md", "latest.md"):
-        (out / name).write_text(text)
+    (out / f"{day}.md").write_text(text)
+    # latest.md is a link to the newest dated report, not a second copy of it. Replaced, never
+    # written through: writing to it would overwrite the report it pointed at.
+    link = out / ".latest.md.new"
+    link.unlink(missing_ok=True)
+    link.symlink_to(f"{day}.md")
+    link.replace(out / "latest.md")
     from benchmarks._goals import goal_lines
 
     log("\nlatency goals (issue 13):\n" + "\n".join(goal_lines(results)))

@@ -89,11 +89,14 @@ def proc_stat(pid: int) -> tuple[str, int] | None:
     return fields[0].decode(), int(fields[19])
 
 
-def make_tree(n: int) -> tuple[int, dict[int, int]]:
-    """Start ``n`` processes that block in ``sleep`` and return at once.
+def start_tree(n: int, lifetime: float) -> list[tuple[int, bool]]:
+    """Start ``n`` processes that block in ``sleep`` for ``lifetime`` seconds (fork, then exec,
+    so each is equally small whatever the caller's size), one in ``DAEMON_EVERY`` a daemon
+    (``setsid`` and a double fork: it leaves the caller's tree). Returns once each has
+    reported: its host PID (``/proc/self`` in the host's /proc, even inside a worker's PID
+    namespace: the PID another process can watch) and whether it is a daemon.
 
-    Returns the CLOCK_MONOTONIC time of the return (the same clock in every process) and each
-    process's host PID with its start time, so that a recycled PID is never taken for it.
+    The tree of this bench's teardown figures and of the benchmark suite's (benchmarks/_tree.py).
     """
     sleep = shutil.which("sleep") or "/bin/sleep"
     r, w = os.pipe()
@@ -108,9 +111,10 @@ def make_tree(n: int) -> tuple[int, dict[int, int]]:
                     if os.fork():
                         os._exit(0)  # the daemon is orphaned: it leaves the worker's tree
                 # /proc/self in the host's /proc: the PID the bench process can watch.
-                os.write(w, b"%d\n" % int(os.readlink("/proc/self")))
+                host_pid = int(os.readlink("/proc/self"))
+                os.write(w, b"%c%d\n" % (b"d" if daemon else b"p", host_pid))
                 os.close(w)
-                os.execv(sleep, [sleep, str(TREE_LIFETIME)])
+                os.execv(sleep, [sleep, str(int(lifetime))])
             finally:
                 os._exit(1)
         if daemon:
@@ -120,15 +124,24 @@ def make_tree(n: int) -> tuple[int, dict[int, int]]:
     while chunk := os.read(r, 65536):  # EOF once every process wrote and closed (or exec'd)
         chunks.append(chunk)
     os.close(r)
-    lines = b"".join(chunks).split()
-    if len(lines) != n:
-        raise RuntimeError(f"{n - len(lines)} of the {n} tree processes failed to start")
+    return [(int(line[1:]), line[:1] == b"d") for line in b"".join(chunks).split()]
+
+
+def make_tree(n: int) -> tuple[int, dict[int, int]]:
+    """Start ``n`` processes that block in ``sleep`` and return at once.
+
+    Returns the CLOCK_MONOTONIC time of the return (the same clock in every process) and each
+    process's host PID with its start time, so that a recycled PID is never taken for it.
+    """
+    pids = [pid for pid, _ in start_tree(n, TREE_LIFETIME)]
+    if len(pids) != n:
+        raise RuntimeError(f"{n - len(pids)} of the {n} tree processes failed to start")
     starts = {}
-    for line in lines:
-        st = proc_stat(int(line))
+    for pid in pids:
+        st = proc_stat(pid)
         if st is None or st[0] in "ZX":
-            raise RuntimeError(f"tree process {int(line)} is not running")
-        starts[int(line)] = st[1]
+            raise RuntimeError(f"tree process {pid} is not running")
+        starts[pid] = st[1]
     return time.monotonic_ns(), starts
 
 
