@@ -92,11 +92,15 @@ import sys
 from nspool._cgroups.layout import detect_layout
 from nspool._cgroups.limits import Limits
 from nspool._cgroups.pool import PoolCgroups
+from nspool._cgroups.removal import remove_pool
 
+# Each pool's cgroups as the launcher makes them (launcher/__main__.py, _make_cgroups), and
+# removed as it removes them at its end.
 layout = detect_layout()
 try:
     # What the launcher asks for with track_usage=True and no limit.
-    with PoolCgroups({"cpuacct"}, ("memory", "cpuacct"), layout=layout) as pool:
+    pool = PoolCgroups({"cpuacct"}, ("memory", "cpuacct"), layout=layout)
+    try:
         w = pool.create_worker(1)
         leaf = w.dirs.get("memory") or w.dirs["cpuacct"]
         print(f"track_usage alone: controllers {sorted(pool.controllers)}, worker leaf {leaf}")
@@ -108,6 +112,8 @@ try:
         print(f"  memory.peak reset through the meter's fd: {meter.reset_peak()}")
         print(f"  meter reads: {meter.read()}")
         meter.close()
+    finally:
+        remove_pool(pool.name, layout)
 except OSError as e:
     print(f"track_usage alone: {type(e).__name__}: {e}")
 
@@ -116,7 +122,10 @@ HOG = (
     "    h.append(bytearray(8 << 20)); h[-1][::4096] = b'x' * len(h[-1][::4096])\n"
 )
 try:
-    with PoolCgroups.for_limits(Limits.parse("64M"), layout=layout) as pool:
+    # memory_limit="64M" without track_usage.
+    limits = Limits.parse("64M")
+    pool = PoolCgroups({"memory"}, ("memory", "cpuacct"), limits=limits, layout=layout)
+    try:
         w = pool.create_worker(1)
         proc = subprocess.Popen([sys.executable, "-c", HOG], stdin=subprocess.PIPE)
         try:
@@ -130,6 +139,8 @@ try:
         with open(os.path.join(d, name)) as f:
             events = " ".join(f.read().split())
         print(f"one hog alone in a 64M leaf: exit {proc.returncode}; {name}: {events}")
+    finally:
+        remove_pool(pool.name, layout)
 except OSError as e:
     print(f"memory limit: {type(e).__name__}: {e}")
 EOF

@@ -1,5 +1,10 @@
 """The cgroup layer (nspool/_cgroups/): file-level logic on scratch trees that imitate the v1
-and v2 layouts, and live tests on this machine's real cgroups (root; skipped otherwise)."""
+and v2 layouts, and live tests on this machine's real cgroups (root; skipped otherwise).
+
+A pool's cgroups are used here only as the pool's processes use them: ``PoolCgroups`` built
+as the launcher builds it (``make_cgroups``), ``create_worker``/``attach``, the ``UsageMeter``
+of ``meter``, ``oom_kills``/``oom_killed``/``watch_oom``, ``remove``, and
+``removal.remove_pool`` for the whole subtree at the end (``pool_subtree``)."""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -170,6 +176,46 @@ def fake_fs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cg_removal, "_rmdir", _fake_rmdir)
 
 
+def _mkdir_with(files: dict[str, str]):  # type: ignore[no-untyped-def]
+    """os.mkdir that also makes the control files the kernel would make."""
+    real_mkdir = os.mkdir
+
+    def mkdir(path: str, mode: int = 0o777) -> None:
+        real_mkdir(path, mode)
+        for name, text in files.items():
+            Path(path, name).write_text(text)
+
+    return mkdir
+
+
+def make_cgroups(
+    limits: Limits, *, usage: bool = False, layout: Layout | None = None
+) -> PoolCgroups:
+    """A pool's cgroups as the launcher makes them (``_make_cgroups`` in
+    nspool/launcher/__main__.py): the limits' controllers required, CPU-time accounting too
+    with ``usage`` (``track_usage``), memory and CPU time for the meter wherever they work."""
+    required = set(limits.controllers()) | ({"cpuacct"} if usage else set())
+    return PoolCgroups(required, ("memory", "cpuacct"), limits=limits, layout=layout)
+
+
+@contextmanager
+def pool_subtree(
+    limits: Limits, *, usage: bool = False, layout: Layout | None = None
+) -> Iterator[PoolCgroups]:
+    """``make_cgroups``, removed at the end as the launcher removes them: by name, killing
+    what is still there (``removal.remove_pool``)."""
+    pool = make_cgroups(limits, usage=usage, layout=layout)
+    try:
+        yield pool
+    finally:
+        cg_removal.remove_pool(pool.name, pool.layout)
+
+
+#: a PID no process can have (above the kernel's PID_MAX_LIMIT), for cgroup.procs on scratch
+#: trees: were it ever signalled (remove_pool kills what a pool's cgroups hold), nobody gets it
+NO_PID = 4_999_999
+
+
 def _patch_write(monkeypatch: pytest.MonkeyPatch, write: Callable[[str, str], None]) -> None:
     """Put ``write`` in place of the layer's one way of writing a cgroup file, in each module
     that writes some (placement, the pool's and workers' cgroups, removal)."""
@@ -216,7 +262,6 @@ def test_detect_hybrid_v1(tmp_path: Path) -> None:
     assert h["memory"].own_dir == str(tmp_path / "memory" / "job" / "7")
     assert h["cpu"] is h["cpuacct"] or h["cpu"] == h["cpuacct"]
     assert h["cpu"].controllers == {"cpu", "cpuacct"}
-    assert layout.describe()[0].startswith("memory: cgroup v1 at ")
 
 
 def test_detect_pure_v2(tmp_path: Path) -> None:
@@ -233,7 +278,7 @@ def test_detect_mount_root_and_missing(tmp_path: Path) -> None:
     layout = detect_layout(mountinfo, "4:memory:/docker/abc/inner\n")
     assert layout.hierarchies["memory"].own_dir == str(tmp_path / "mem" / "inner")
     assert "no cgroup hierarchy with the pids controller" in layout.missing["pids"]
-    assert "pids: unavailable" in layout.describe()[1]
+    assert "pids" not in layout.hierarchies
     # A process outside the mounted part: not usable.
     layout = detect_layout(mountinfo, "4:memory:/elsewhere\n")
     assert "memory" not in layout.hierarchies
@@ -241,14 +286,14 @@ def test_detect_mount_root_and_missing(tmp_path: Path) -> None:
 
 def test_v1_pool_on_a_scratch_tree(tmp_path: Path, fake_fs: None) -> None:
     layout = detect_layout(*v1_tree(tmp_path))
-    limits = Limits.parse("64M", 8, 0.5)
-    pool = PoolCgroups.for_limits(limits, layout=layout, owner_pid=123)
-    assert pool.name.startswith("nspool-123-")
+    pool = make_cgroups(Limits.parse("64M", 8, 0.5), layout=layout)
+    assert pool.name.startswith(f"nspool-{os.getpid()}-")  # remove_stale reads the owner here
     node_mem = tmp_path / "memory" / "job" / "7" / pool.name
+    node_pids = tmp_path / "pids" / pool.name
     node_cpu = tmp_path / "cpu,cpuacct" / pool.name
     assert pool.nodes == {
         "memory": str(node_mem),
-        "pids": str(tmp_path / "pids" / pool.name),
+        "pids": str(node_pids),
         "cpu": str(node_cpu),
         "cpuacct": str(node_cpu),
     }
@@ -256,81 +301,81 @@ def test_v1_pool_on_a_scratch_tree(tmp_path: Path, fake_fs: None) -> None:
     leaf = node_mem / "w3"
     assert (leaf / "memory.limit_in_bytes").read_text() == str(64 * MiB)
     assert not (leaf / "memory.memsw.limit_in_bytes").exists()  # no swap accounting here
-    assert (tmp_path / "pids" / pool.name / "w3" / "pids.max").read_text() == "8"
+    assert (node_pids / "w3" / "pids.max").read_text() == "8"
     assert (node_cpu / "w3" / "cpu.cfs_period_us").read_text() == "100000"
     assert (node_cpu / "w3" / "cpu.cfs_quota_us").read_text() == "50000"
     assert len(w.unique_dirs()) == 3  # cpu and cpuacct share one directory
 
-    pool.attach(w, 4321)
-    assert (leaf / "cgroup.procs").read_text() == "4321"
-    assert (node_cpu / "w3" / "cgroup.procs").read_text() == "4321"
+    pool.attach(w, NO_PID)
+    assert (leaf / "cgroup.procs").read_text() == str(NO_PID)
+    assert (node_cpu / "w3" / "cgroup.procs").read_text() == str(NO_PID)
 
-    # usage parsing
-    (node_cpu / "w3" / "cpuacct.usage_user").write_text("1500000000\n")
-    (node_cpu / "w3" / "cpuacct.usage_sys").write_text("250000000\n")
-    (node_cpu / "w3" / "cpuacct.usage").write_text("1750000000\n")
-    (leaf / "memory.max_usage_in_bytes").write_text(f"{100 * MiB}\n")
-    (leaf / "memory.usage_in_bytes").write_text(f"{10 * MiB}\n")
+    # What the fork server asks once the worker is gone: memory.oom_control's oom_kill, and
+    # before Linux 4.13 (no such line) memory.failcnt, how often the limit was hit.
     (leaf / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
-    u = pool.usage(w)
-    assert u == Usage(1.5, 0.25, 1.75, 100 * MiB, 10 * MiB, 1)
-    assert pool.oom_killed(w)
-    assert pool.reset_peak(w)
-    assert (leaf / "memory.max_usage_in_bytes").read_text() == "0"
-
-    # the older cpuacct.stat (USER_HZ ticks) and the failcnt fallback
-    for name in ("cpuacct.usage_user", "cpuacct.usage_sys", "cpuacct.usage"):
-        (node_cpu / "w3" / name).unlink()
-    hz = os.sysconf("SC_CLK_TCK")
-    (node_cpu / "w3" / "cpuacct.stat").write_text(f"user {hz * 2}\nsystem {hz}\n")
+    assert pool.oom_kills(w) == 1 and pool.oom_killed(w)
     (leaf / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\n")
     (leaf / "memory.failcnt").write_text("0\n")
-    u2 = pool.usage(w)
-    assert (u2.cpu_user, u2.cpu_system, u2.cpu_total) == (2.0, 1.0, 3.0)
-    assert not pool.oom_killed(w)
-    assert u.since(u2).cpu_total == 0.0 and u2.since(Usage()).cpu_total is None
+    assert pool.oom_kills(w) == 0 and not pool.oom_killed(w)
+    (leaf / "memory.failcnt").write_text("2\n")
+    assert pool.oom_killed(w)
 
-    # overriding a limit per worker; a limit the pool has no controller for
-    pool.create_worker(4, memory_limit="1G")
-    assert (node_mem / "w4" / "memory.limit_in_bytes").read_text() == str(1 << 30)
-    with pytest.raises(ValueError, match="already has a cgroup"):
-        pool.create_worker(4)
+    # A worker whose limit can't be set: CgroupError, and nothing of its cgroup left.
+    real_write = cg_layout._write
+
+    def refuse_pids_max(path: str, text: str) -> None:
+        if path.endswith("pids.max"):
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        real_write(path, text)
+
+    with pytest.MonkeyPatch.context() as mp:
+        _patch_write(mp, refuse_pids_max)
+        with pytest.raises(CgroupError, match="setting up worker 4's cgroup failed"):
+            pool.create_worker(4)
+    assert not any(Path(n, "w4").exists() for n in pool.nodes.values())
 
     # removal waits for the processes to leave, up to its deadline
-    with pytest.raises(CgroupBusyError, match="4321"):
+    with pytest.raises(CgroupBusyError, match=str(NO_PID)):
         pool.remove(w, timeout=0.05)
-    (leaf / "cgroup.procs").write_text("")
-    (node_cpu / "w3" / "cgroup.procs").write_text("")
-    (tmp_path / "pids" / pool.name / "w3" / "cgroup.procs").write_text("")
+    for d in w.unique_dirs():
+        Path(d, "cgroup.procs").write_text("")
     pool.remove(w)
     assert not leaf.exists() and not (node_cpu / "w3").exists()
     pool.remove(w)  # idempotent
-    pool.close()
-    assert not node_mem.exists() and not node_cpu.exists()
-    assert not (tmp_path / "pids" / pool.name).exists()
-    pool.close()
-    with pytest.raises(CgroupError, match="closed"):
-        pool.create_worker(5)
+    # the launcher's end: the whole subtree, by name
+    pool.create_worker(5)
+    assert sorted(cg_removal.remove_pool(pool.name, layout)) == sorted(set(pool.nodes.values()))
+    assert not node_mem.exists() and not node_cpu.exists() and not node_pids.exists()
+
+
+def test_pool_creation_failing_midway_leaves_nothing(tmp_path: Path, fake_fs: None) -> None:
+    """The launcher reports a CgroupError it gets here; the nodes made before it are gone."""
+    layout = detect_layout(*v1_tree(tmp_path))
+    real_mkdir = os.mkdir
+    made: list[str] = []
+
+    def mkdir(path: str, mode: int = 0o777) -> None:
+        if made:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real_mkdir(path, mode)
+        made.append(path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "mkdir", mkdir)
+        with pytest.raises(CgroupError, match="creating the pool's cgroups failed"):
+            make_cgroups(Limits.parse("64M", 8, 0.5), layout=layout)
+    assert len(made) == 1 and not os.path.exists(made[0])
+    assert not any(p.name.startswith("nspool-") for p in tmp_path.rglob("*"))
 
 
 def test_v1_memsw_follows_memory(tmp_path: Path, fake_fs: None) -> None:
     layout = detect_layout(*v1_tree(tmp_path))
-    with PoolCgroups(["memory"], (), limits=Limits(memory=8 * MiB), layout=layout) as pool:
+    with pool_subtree(Limits(memory=8 * MiB), layout=layout) as pool:
         # the kernel makes memory.memsw.* in every new cgroup where swap is accounted
-        node = Path(pool.nodes["memory"])
-        real_mkdir = os.mkdir
-
-        def mkdir_with_memsw(path: str, mode: int = 0o777) -> None:
-            real_mkdir(path, mode)
-            Path(path, "memory.memsw.limit_in_bytes").write_text("max")
-
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(os, "mkdir", mkdir_with_memsw)
-            pool.create_worker(1)
-        assert (node / "w1" / "memory.memsw.limit_in_bytes").read_text() == str(8 * MiB)
-        assert pool.controllers == {"memory"}
-        with pytest.raises(CgroupUnavailableError, match="no pids controller"):
-            pool.create_worker(2, pids_limit=3)
+            mp.setattr(os, "mkdir", _mkdir_with({"memory.memsw.limit_in_bytes": "max"}))
+            w = pool.create_worker(1)
+        assert Path(w.dirs["memory"], "memory.memsw.limit_in_bytes").read_text() == str(8 * MiB)
 
 
 def test_v2_pool_under_the_delegated_parent(tmp_path: Path, fake_fs: None) -> None:
@@ -338,33 +383,28 @@ def test_v2_pool_under_the_delegated_parent(tmp_path: Path, fake_fs: None) -> No
     under app.slice, which passes them down already."""
     layout = detect_layout(*v2_tree(tmp_path))
     app = tmp_path / "user.slice" / "user@1000.service" / "app.slice"
-    pool = PoolCgroups.for_limits(Limits.parse("512M", 16, 1.5), layout=layout)
-    node = app / pool.name
-    assert set(pool.nodes.values()) == {str(node)}
-    assert pool.version_of("memory") == 2
-    assert (node / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
-    assert (app / "cgroup.subtree_control").read_text() == "cpu memory pids\n"  # untouched
-    w = pool.create_worker(1)
-    leaf = node / "w1"
-    assert w.unique_dirs() == [str(leaf)]
-    assert (leaf / "memory.max").read_text() == str(512 * MiB)
-    assert (leaf / "pids.max").read_text() == "16"
-    assert (leaf / "cpu.max").read_text() == "150000 100000"
-    assert not (leaf / "memory.swap.max").exists()
+    with pool_subtree(Limits.parse("512M", 16, 1.5), layout=layout) as pool:
+        node = app / pool.name
+        assert set(pool.nodes.values()) == {str(node)}
+        assert pool.version_of("memory") == 2
+        assert (node / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+        assert (app / "cgroup.subtree_control").read_text() == "cpu memory pids\n"  # untouched
+        w = pool.create_worker(1)
+        leaf = node / "w1"
+        assert w.unique_dirs() == [str(leaf)]
+        assert (leaf / "memory.max").read_text() == str(512 * MiB)
+        assert (leaf / "pids.max").read_text() == "16"
+        assert (leaf / "cpu.max").read_text() == "150000 100000"
+        assert not (leaf / "memory.swap.max").exists()
 
-    (leaf / "cpu.stat").write_text(
-        "usage_usec 2000000\nuser_usec 1500000\nsystem_usec 500000\nnr_periods 0\n"
-    )
-    (leaf / "memory.current").write_text("1048576\n")
-    (leaf / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
-    u = pool.usage(w)
-    assert u == Usage(1.5, 0.5, 2.0, None, MiB, 1)  # no memory.peak: kernel < 5.19
-    assert pool.oom_killed(w)
-    assert not pool.reset_peak(w)  # nothing to reset
-    (leaf / "memory.peak").write_text(f"{300 * MiB}\n")
-    assert pool.usage(w).memory_peak == 300 * MiB
-    assert pool.reset_peak(w) and w.peak_fd is not None  # remove() closes it (fd leak check)
-    pool.close()
+        (leaf / "cpu.stat").write_text(
+            "usage_usec 2000000\nuser_usec 1500000\nsystem_usec 500000\nnr_periods 0\n"
+        )
+        (leaf / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+        with closing(pool.meter(w)) as meter:
+            assert meter.read() == Usage(1.5, 0.5, None, 1)  # no memory.peak: kernel < 5.19
+            assert not meter.reset_peak()  # nothing to reset
+        assert pool.oom_kills(w) == 1 and pool.oom_killed(w)
     assert not node.exists()
 
 
@@ -381,7 +421,7 @@ def test_v2_enables_controllers_where_allowed(
         real_write(path, text)
 
     _patch_write(monkeypatch, record)
-    with PoolCgroups.for_limits(Limits.parse(pids_limit=4), layout=layout) as pool:
+    with pool_subtree(Limits.parse(pids_limit=4), layout=layout) as pool:
         # The scope holds the program; app.slice holds none, so pids (required) and memory
         # (for usage) get enabled there, in one write.
         enabling = [t for p, t in writes if p == str(app / "cgroup.subtree_control")]
@@ -462,20 +502,13 @@ def v2_rules(tmp_path: Path, fake_fs: None, monkeypatch: pytest.MonkeyPatch) -> 
     return log
 
 
-@pytest.mark.parametrize("how", ["launcher", "for_limits"])
-def test_v2_usage_alone_gets_memory_accounting(
-    tmp_path: Path, v2_rules: list[str], how: str
-) -> None:
+def test_v2_usage_alone_gets_memory_accounting(tmp_path: Path, v2_rules: list[str]) -> None:
     """track_usage without a memory limit: the pool node must still go where the memory
     controller reaches its children, or the worker's leaf has no memory.peak. The scope holds
     the program (no controller can pass below it); app.slice passes memory down already."""
     layout = detect_layout(*v2_tree(tmp_path))
     app = tmp_path / "user.slice" / "user@1000.service" / "app.slice"
-    if how == "launcher":  # what the launcher asks for with track_usage=True and no limit
-        pool = PoolCgroups({"cpuacct"}, ("memory", "cpuacct"), limits=Limits(), layout=layout)
-    else:
-        pool = PoolCgroups.for_limits(Limits(), layout=layout)
-    with pool:
+    with pool_subtree(Limits(), usage=True, layout=layout) as pool:  # track_usage=True alone
         assert pool.controllers == {"memory", "cpuacct"}
         node = app / pool.name
         assert pool.nodes["memory"] == pool.nodes["cpuacct"] == str(node)
@@ -483,15 +516,12 @@ def test_v2_usage_alone_gets_memory_accounting(
         w = pool.create_worker(1)
         leaf = Path(w.dirs["memory"])
         assert (leaf / "memory.peak").exists() and (leaf / "memory.events").exists()
-        meter = pool.meter(w)
-        try:
+        with closing(pool.meter(w)) as meter:
             assert meter.reset_peak()
             # What the kernel shows through the meter's fd once the task touched 200 MiB.
             (leaf / "memory.peak").write_text(f"{200 * MiB}\n")
             (leaf / "cpu.stat").write_text("usage_usec 90000\nuser_usec 10000\nsystem_usec 80000\n")
-            assert meter.read() == Usage(0.01, 0.08, 0.09, 200 * MiB, None, 0)
-        finally:
-            meter.close()
+            assert meter.read() == Usage(0.01, 0.08, 200 * MiB, 0)
 
 
 def test_v2_usage_alone_enables_memory_where_it_can(tmp_path: Path, v2_rules: list[str]) -> None:
@@ -499,7 +529,7 @@ def test_v2_usage_alone_enables_memory_where_it_can(tmp_path: Path, v2_rules: li
     it), then in the pool node; nothing is enabled anywhere else."""
     layout = detect_layout(*v2_tree(tmp_path, parent_enabled="cpu"))
     app = (tmp_path / "user.slice" / "user@1000.service" / "app.slice").relative_to(tmp_path)
-    with PoolCgroups({"cpuacct"}, ("memory", "cpuacct"), layout=layout) as pool:
+    with pool_subtree(Limits(), usage=True, layout=layout) as pool:
         assert pool.controllers == {"memory", "cpuacct"}
         assert v2_rules == [f"{app}: +memory", f"{app / pool.name}: +memory"]
         assert Path(pool.create_worker(1).dirs["memory"], "memory.peak").exists()
@@ -513,17 +543,14 @@ def test_v2_usage_alone_without_memory_is_cpu_only(
     layout = detect_layout(*v2_tree(tmp_path, parent_enabled="cpu"))
     scope = layout.hierarchies["memory"].own_dir
     monkeypatch.setattr(cg_layout, "_writable", lambda path: path.startswith(scope))
-    with PoolCgroups({"cpuacct"}, ("memory", "cpuacct"), layout=layout) as pool:
+    with pool_subtree(Limits(), usage=True, layout=layout) as pool:
         assert pool.controllers == {"cpuacct"}
         assert pool.nodes["cpuacct"] == os.path.join(scope, pool.name)
         assert v2_rules == []
         w = pool.create_worker(1)
-        meter = pool.meter(w)
-        try:
-            assert meter.read() == Usage(0.0, 0.0, 0.0, None, None, None)
+        with closing(pool.meter(w)) as meter:
+            assert meter.read() == Usage(0.0, 0.0, None, None)
             assert not meter.reset_peak()
-        finally:
-            meter.close()
 
 
 def test_v2_limit_without_memory_to_pass_down(tmp_path: Path, v2_rules: list[str]) -> None:
@@ -532,7 +559,7 @@ def test_v2_limit_without_memory_to_pass_down(tmp_path: Path, v2_rules: list[str
     app = tmp_path / "user.slice" / "user@1000.service" / "app.slice"
     (app / "cgroup.controllers").write_text("cpu pids\n")
     layout = detect_layout(mountinfo, proc_cgroup)
-    with PoolCgroups.for_limits(Limits(pids=4), layout=layout) as pool:
+    with pool_subtree(Limits(pids=4), layout=layout) as pool:
         assert pool.controllers == {"pids", "cpuacct"}
         rel = app.relative_to(tmp_path)
         assert v2_rules == [f"{rel}: +pids", f"{rel / pool.name}: +pids"]
@@ -542,7 +569,7 @@ def test_v2_limits_on_the_rules_tree(tmp_path: Path, v2_rules: list[str]) -> Non
     """Every limit's file is written where the kernel has it (a write to a missing file fails
     here as on a cgroup filesystem), memory accounting comes along."""
     layout = detect_layout(*v2_tree(tmp_path))
-    with PoolCgroups.for_limits(Limits.parse("64M", 8, 0.5), layout=layout) as pool:
+    with pool_subtree(Limits.parse("64M", 8, 0.5), layout=layout) as pool:
         leaf = Path(pool.create_worker(1).dirs["memory"])
         assert (leaf / "memory.max").read_text() == str(64 * MiB)
         assert (leaf / "memory.swap.max").read_text() == "0"
@@ -555,7 +582,7 @@ def test_v2_limits_on_the_rules_tree(tmp_path: Path, v2_rules: list[str]) -> Non
 def test_v2_own_cgroup_that_is_the_root(tmp_path: Path, fake_fs: None) -> None:
     _mkcg(tmp_path, {"cgroup.controllers": "memory pids\n", "cgroup.procs": "1\n"})
     layout = detect_layout(f"1 0 0:1 / {tmp_path} rw - cgroup2 none rw\n", "0::/\n")
-    with PoolCgroups.for_limits(Limits(memory=MiB), layout=layout) as pool:
+    with pool_subtree(Limits(memory=MiB), layout=layout) as pool:
         assert pool.nodes["memory"] == str(tmp_path / pool.name)
         assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory"
 
@@ -575,10 +602,10 @@ def test_v2_container_root_is_no_hierarchy_root(tmp_path: Path, v2_rules: list[s
     )
     layout = detect_layout(f"1 0 0:1 / {tmp_path} rw - cgroup2 none rw\n", "0::/\n")
     with pytest.raises(CgroupUnavailableError, match="holds processes"):
-        PoolCgroups.for_limits(Limits(memory=MiB), layout=layout)
+        make_cgroups(Limits(memory=MiB), layout=layout)
     assert v2_rules == []
     assert cg_layout.check(["memory"], layout)["memory"] is not None
-    with PoolCgroups.for_limits(Limits(), layout=layout) as pool:  # usage: CPU time only
+    with pool_subtree(Limits(), usage=True, layout=layout) as pool:  # CPU time only
         assert pool.controllers == {"cpuacct"}
     assert v2_rules == []
 
@@ -591,7 +618,7 @@ def test_v2_without_delegation_is_a_clear_error(
     app = os.path.dirname(scope)
     monkeypatch.setattr(cg_layout, "_writable", lambda path: path == scope)
     with pytest.raises(CgroupUnavailableError) as info:
-        PoolCgroups.for_limits(Limits(memory=MiB), layout=layout)
+        make_cgroups(Limits(memory=MiB), layout=layout)
     msg = str(info.value)
     assert "holds processes" in msg and f"{app} is not writable" in msg
     assert "systemd-run --user --scope -p Delegate=yes" in msg
@@ -608,7 +635,7 @@ def test_v2_controller_not_passed_down(tmp_path: Path, fake_fs: None) -> None:
     (app / "cgroup.controllers").write_text("cpu\n")
     (app / "cgroup.subtree_control").write_text("cpu\n")
     with pytest.raises(CgroupUnavailableError, match="does not get the controller"):
-        PoolCgroups.for_limits(Limits(pids=3), layout=detect_layout(mountinfo, proc_cgroup))
+        make_cgroups(Limits(pids=3), layout=detect_layout(mountinfo, proc_cgroup))
 
 
 def test_v1_unwritable_and_missing_controllers(
@@ -618,14 +645,14 @@ def test_v1_unwritable_and_missing_controllers(
     layout = detect_layout(mountinfo, proc_cgroup)
     monkeypatch.setattr(cg_layout, "_writable", lambda path: False)
     with pytest.raises(CgroupUnavailableError, match="cgroup v1 has no delegation"):
-        PoolCgroups.for_limits(Limits(memory=MiB), layout=layout)
-    # optional accounting that can't be had is left out, not an error
-    with PoolCgroups.for_limits(Limits(), layout=layout) as pool:
-        assert pool.controllers == frozenset()
+        make_cgroups(Limits(memory=MiB), layout=layout)
+    # track_usage needs CPU time: asked for, so never silently without it
+    with pytest.raises(CgroupUnavailableError, match="cpuacct: .* cgroup v1 has no delegation"):
+        make_cgroups(Limits(), usage=True, layout=layout)
     layout = detect_layout(mountinfo.replace("rw,pids", "rw,freezer"), proc_cgroup)
     monkeypatch.setattr(cg_layout, "_writable", lambda path: True)
     with pytest.raises(CgroupUnavailableError, match="pids: the cgroup v2 .* no cgroup v1"):
-        PoolCgroups.for_limits(Limits(pids=5), layout=layout)
+        make_cgroups(Limits(pids=5), layout=layout)
     with pytest.raises(ValueError, match="unknown cgroup controller"):
         PoolCgroups(["blkio"], layout=layout)
 
@@ -692,6 +719,11 @@ CHILD = textwrap.dedent(
 )
 
 
+def _procs_in(w: WorkerCgroup) -> set[int]:
+    """The processes the kernel lists in the worker's cgroups."""
+    return {int(p) for d in w.unique_dirs() for p in Path(d, "cgroup.procs").read_text().split()}
+
+
 def _start_in(pool: PoolCgroups, w: WorkerCgroup, what: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, what],
@@ -701,7 +733,7 @@ def _start_in(pool: PoolCgroups, w: WorkerCgroup, what: str) -> subprocess.Popen
     )
     try:
         pool.attach(w, proc.pid)
-        assert pool.pids(w) == {proc.pid}
+        assert _procs_in(w) == {proc.pid}
     except BaseException:
         proc.kill()
         proc.communicate()
@@ -714,17 +746,26 @@ def _go(proc: subprocess.Popen[str], timeout: float = 10) -> str:
     return out
 
 
+def _cpu(u: Usage) -> float:
+    assert u.cpu_user is not None and u.cpu_system is not None, u
+    return u.cpu_user + u.cpu_system
+
+
 @live
 def test_live_memory_limit_oom_kills_the_process() -> None:
-    with PoolCgroups.for_limits(Limits.parse(memory_limit="64M")) as pool:
+    with pool_subtree(Limits.parse(memory_limit="64M")) as pool:
         w = pool.create_worker(1)
-        assert not pool.oom_killed(w)
-        assert pool.usage(w).oom_kills == 0
-        proc = _start_in(pool, w, "hog")
-        _go(proc)
+        assert pool.oom_kills(w) == 0 and not pool.oom_killed(w)
+        with closing(pool.meter(w)) as meter:
+            before = meter.read()
+            proc = _start_in(pool, w, "hog")
+            _go(proc)
+            after = meter.read()
         assert proc.returncode == -9
+        # The task process's check after a task, then the fork server's once the worker died.
+        assert before.oom_kills == 0 and after.oom_kills == pool.oom_kills(w), (before, after)
         assert pool.oom_killed(w)
-        kills = pool.usage(w).oom_kills
+        kills = pool.oom_kills(w)
         if pool.version_of("memory") == 1:
             assert kills == 1
         else:
@@ -741,8 +782,8 @@ def test_live_memory_limit_oom_kills_the_process() -> None:
 
 @live
 def test_live_pids_limit_makes_fork_fail_with_eagain() -> None:
-    with PoolCgroups.for_limits(Limits.parse(pids_limit=4), usage=False) as pool:
-        assert pool.controllers == {"pids"}
+    with pool_subtree(Limits.parse(pids_limit=4)) as pool:
+        assert "pids" in pool.controllers
         w = pool.create_worker(1)
         proc = _start_in(pool, w, "fork")
         assert _go(proc).split() == ["3", str(errno.EAGAIN)]  # itself and 3 children
@@ -751,55 +792,60 @@ def test_live_pids_limit_makes_fork_fail_with_eagain() -> None:
 
 @live
 def test_live_usage_cpu_time_and_peak_memory() -> None:
-    with PoolCgroups.for_limits(Limits.parse(cpu_limit=1.0)) as pool:
+    with pool_subtree(Limits.parse(cpu_limit=1.0)) as pool:
         assert pool.controllers == {"memory", "cpu", "cpuacct"}
         w = pool.create_worker(1)
-        before = pool.usage(w)
-        proc = _start_in(pool, w, "work")
-        _go(proc)
-        assert proc.returncode == 0
-        spent = pool.usage(w).since(before)
-        assert spent.cpu_total is not None and 0.3 <= spent.cpu_total < 2.0, spent
-        assert spent.cpu_user is not None and spent.cpu_user >= 0.2, spent
-        assert spent.memory_peak is not None and spent.memory_peak >= 100 * MiB, spent
-        assert spent.oom_kills == 0
-        assert pool.reset_peak(w)
-        peak = pool.usage(w).memory_peak
-        assert peak is not None and peak < 100 * MiB  # the process is gone: peak restarts
+        with closing(pool.meter(w)) as meter:  # as the task loop reads it around a task
+            assert meter.reset_peak()
+            before = meter.read()
+            proc = _start_in(pool, w, "work")
+            _go(proc)
+            assert proc.returncode == 0
+            after = meter.read()
+            assert 0.3 <= _cpu(after) - _cpu(before) < 2.0, (before, after)
+            assert after.cpu_user is not None and before.cpu_user is not None
+            assert after.cpu_user - before.cpu_user >= 0.2, (before, after)
+            assert after.memory_peak is not None and after.memory_peak >= 100 * MiB, after
+            assert after.oom_kills == before.oom_kills == 0
+            assert meter.reset_peak()
+            peak = meter.read().memory_peak
+            assert peak is not None and peak < 100 * MiB  # the process is gone: peak restarts
 
 
 @live
 def test_live_usage_alone_accounts_memory() -> None:
     """What the launcher asks for with track_usage=True and no limit: memory is accounted in
     the worker's cgroup all the same (issue 20: on v2 it was not enabled down the subtree)."""
-    with PoolCgroups({"cpuacct"}, ("memory", "cpuacct"), limits=Limits()) as pool:
+    with pool_subtree(Limits(), usage=True) as pool:
         assert pool.controllers == {"memory", "cpuacct"}
         w = pool.create_worker(1)
-        proc = _start_in(pool, w, "work")
-        _go(proc)
-        assert proc.returncode == 0
-        u = pool.usage(w)
+        with closing(pool.meter(w)) as meter:
+            proc = _start_in(pool, w, "work")
+            _go(proc)
+            assert proc.returncode == 0
+            u = meter.read()
         assert u.memory_peak is not None and u.memory_peak >= 100 * MiB, u
-        assert u.cpu_total is not None and u.cpu_total >= 0.3, u
+        assert _cpu(u) >= 0.3, u
 
 
 @live
-def test_live_close_kills_what_is_left_and_removes_everything() -> None:
-    pool = PoolCgroups.for_limits(Limits.parse("256M", 32, 0.5))
-    nodes = set(pool.nodes.values())
-    assert nodes and all(os.path.isdir(n) for n in nodes)
-    w1 = pool.create_worker(1)
-    pool.create_worker(2)
-    proc = _start_in(pool, w1, "hog")  # waits on stdin: still there at close
-    try:
-        with pytest.raises(CgroupBusyError):
-            pool.remove(w1, timeout=0.05)
-        pool.close()
-    finally:
-        proc.kill()
-        proc.communicate()
-    assert proc.returncode == -9
-    assert not any(os.path.exists(n) for n in nodes)
+def test_live_remove_pool_kills_what_is_left_and_removes_everything() -> None:
+    """The launcher's end: the whole subtree by name, whatever its workers still hold."""
+    with pool_subtree(Limits.parse("256M", 32, 0.5)) as pool:
+        nodes = set(pool.nodes.values())
+        assert nodes and all(os.path.isdir(n) for n in nodes)
+        w1 = pool.create_worker(1)
+        pool.create_worker(2)
+        proc = _start_in(pool, w1, "hog")  # waits on stdin: still there at the end
+        try:
+            with pytest.raises(CgroupBusyError):
+                pool.remove(w1, timeout=0.05)
+            assert set(cg_removal.remove_pool(pool.name, pool.layout)) == nodes
+        finally:
+            proc.kill()
+            proc.communicate()
+        assert proc.returncode == -9
+        assert not any(os.path.exists(n) for n in nodes)
 
 
 def _v2_cpu_only_layout() -> Layout | None:
@@ -825,33 +871,37 @@ V2_CPU_LAYOUT = _v2_cpu_only_layout()
 def test_live_v2_leaf_cpu_time_and_kill() -> None:
     """The v2 path on the real kernel, wherever a cgroup2 mount is (here: v1 controllers
     beside a v2 mount without any): a pool node and a worker leaf with no controller, a
-    process attached, its CPU time from the leaf's cpu.stat (a core file), and close()
-    killing what is left through cgroup.kill."""
+    process attached, its CPU time from the leaf's cpu.stat (a core file), and remove_pool
+    killing what is left through cgroup.kill, sending no signal itself."""
     assert V2_CPU_LAYOUT is not None
-    with PoolCgroups(["cpuacct"], (), layout=V2_CPU_LAYOUT) as pool:
-        assert pool.version_of("cpuacct") == 2
+    with pool_subtree(Limits(), usage=True, layout=V2_CPU_LAYOUT) as pool:
+        assert pool.version_of("cpuacct") == 2 and pool.controllers == {"cpuacct"}
         w = pool.create_worker(1)
         assert os.path.exists(os.path.join(w.dirs["cpuacct"], "cgroup.kill"))
-        meter = pool.meter(w)
-        try:
+        with closing(pool.meter(w)) as meter:
             before = meter.read()
             proc = _start_in(pool, w, "work")
             _go(proc)
             assert proc.returncode == 0
             spent = meter.read()
-        finally:
-            meter.close()
         assert spent.cpu_user is not None and before.cpu_user is not None, spent
         assert spent.cpu_user - before.cpu_user >= 0.2, (before, spent)
         assert spent.memory_peak is None and spent.oom_kills is None  # no memory controller
         w2 = pool.create_worker(2)
-        waiting = _start_in(pool, w2, "work")  # waits on stdin: still there at close
+        waiting = _start_in(pool, w2, "work")  # waits on stdin: still there at the end
+
+        def no_signal(pid: int, sig: int) -> None:
+            raise AssertionError(f"remove_pool sent signal {sig} to {pid}, not cgroup.kill")
+
         try:
-            pool.close()
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(os, "kill", no_signal)
+                removed = cg_removal.remove_pool(pool.name, pool.layout)
         finally:
             waiting.kill()
             waiting.communicate()
         assert waiting.returncode == -9
+        assert removed == [pool.nodes["cpuacct"]]
         assert not os.path.exists(w.dirs["cpuacct"])
 
 
@@ -861,28 +911,16 @@ def test_unprivileged_without_delegation_is_a_clear_error() -> None:
     if cg_layout.check(["memory"], layout)["memory"] is None:
         pytest.skip("this user has a delegated, writable memory controller")
     with pytest.raises(CgroupUnavailableError, match="systemd-run --user --scope"):
-        PoolCgroups.for_limits(Limits.parse(memory_limit="64M"))
+        make_cgroups(Limits.parse(memory_limit="64M"))
 
 
 # --------------------------------------------------------------------------------------------
 # What the pool's processes use: OOM group, OOM watch, the in-worker meter, removal by name
 
 
-def _mkdir_with(files: dict[str, str]):  # type: ignore[no-untyped-def]
-    """os.mkdir that also makes the control files the kernel would make."""
-    real_mkdir = os.mkdir
-
-    def mkdir(path: str, mode: int = 0o777) -> None:
-        real_mkdir(path, mode)
-        for name, text in files.items():
-            Path(path, name).write_text(text)
-
-    return mkdir
-
-
 def test_v2_one_oom_kill_takes_the_whole_worker(tmp_path: Path, fake_fs: None) -> None:
     layout = detect_layout(*v2_tree(tmp_path))
-    with PoolCgroups.for_limits(Limits.parse("64M"), layout=layout) as pool:
+    with pool_subtree(Limits.parse("64M"), layout=layout) as pool:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(os, "mkdir", _mkdir_with({"memory.oom.group": "0\n"}))
             w = pool.create_worker(1)
@@ -892,7 +930,7 @@ def test_v2_one_oom_kill_takes_the_whole_worker(tmp_path: Path, fake_fs: None) -
 
 def test_v2_meter_reads_cpu_stat_peak_and_events(tmp_path: Path, fake_fs: None) -> None:
     layout = detect_layout(*v2_tree(tmp_path))
-    with PoolCgroups.for_limits(Limits.parse("64M"), layout=layout) as pool:
+    with pool_subtree(Limits.parse("64M"), layout=layout) as pool:
         w = pool.create_worker(1)
         leaf = Path(w.dirs["memory"])
         (leaf / "cpu.stat").write_text(
@@ -900,13 +938,10 @@ def test_v2_meter_reads_cpu_stat_peak_and_events(tmp_path: Path, fake_fs: None) 
         )
         (leaf / "memory.peak").write_text(f"{40 * MiB}\n")
         (leaf / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 2\n")
-        meter = pool.meter(w)
-        try:
-            assert meter.read() == Usage(2.0, 0.5, 2.5, 40 * MiB, None, 2)
+        with closing(pool.meter(w)) as meter:
+            assert meter.read() == Usage(2.0, 0.5, 40 * MiB, 2)
             assert meter.reset_peak()  # "reset\n" written through the meter's own fd
             assert (leaf / "memory.peak").read_text().startswith("reset\n")
-        finally:
-            meter.close()
 
 
 def test_v1_meter_reads_cpuacct_max_usage_and_oom_control(tmp_path: Path, fake_fs: None) -> None:
@@ -917,31 +952,34 @@ def test_v1_meter_reads_cpuacct_max_usage_and_oom_control(tmp_path: Path, fake_f
         "memory.max_usage_in_bytes": f"{30 * MiB}\n",
         "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
     }
-    with PoolCgroups.for_limits(Limits.parse("64M", cpu_limit=1.0), layout=layout) as pool:
+    with pool_subtree(Limits.parse("64M", cpu_limit=1.0), layout=layout) as pool:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(os, "mkdir", _mkdir_with(files))
             w = pool.create_worker(1)
-        meter = pool.meter(w)
-        try:
-            assert meter.read() == Usage(1.5, 0.25, 1.75, 30 * MiB, None, 0)
+        with closing(pool.meter(w)) as meter:
+            assert meter.read() == Usage(1.5, 0.25, 30 * MiB, 0)
             assert meter.reset_peak()
             assert Path(w.dirs["memory"], "memory.max_usage_in_bytes").read_text()[0] == "0"
-        finally:
-            meter.close()
 
 
-def test_meter_without_accounting_reads_nothing(tmp_path: Path, fake_fs: None) -> None:
+def test_meter_without_accounting_reads_nothing(
+    tmp_path: Path, fake_fs: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pids limit where only the pids hierarchy is writable: the accounting the launcher
+    asks for on the side is left out, not an error, and the meter reads nothing."""
     layout = detect_layout(*v1_tree(tmp_path))
-    with PoolCgroups(["pids"], (), limits=Limits(pids=4), layout=layout) as pool:
-        meter = pool.meter(pool.create_worker(1))
-        assert meter.read() == Usage()
-        assert not meter.reset_peak()
-        meter.close()
+    pids_dir = layout.hierarchies["pids"].own_dir
+    monkeypatch.setattr(cg_layout, "_writable", lambda path: path == pids_dir)
+    with pool_subtree(Limits(pids=4), layout=layout) as pool:
+        assert pool.controllers == {"pids"}
+        with closing(pool.meter(pool.create_worker(1))) as meter:
+            assert meter.read() == Usage()
+            assert not meter.reset_peak()
 
 
 def test_remove_pool_by_name(tmp_path: Path, fake_fs: None) -> None:
     layout = detect_layout(*v1_tree(tmp_path))
-    pool = PoolCgroups.for_limits(Limits.parse("64M", 8, 0.5), layout=layout)
+    pool = make_cgroups(Limits.parse("64M", 8, 0.5), layout=layout)
     pool.create_worker(1)
     nodes = set(pool.nodes.values())
     assert all(os.path.isdir(n) for n in nodes)
@@ -957,7 +995,7 @@ def test_remove_pool_by_name(tmp_path: Path, fake_fs: None) -> None:
 def test_live_v1_oom_watch_fires() -> None:
     import select
 
-    with PoolCgroups.for_limits(Limits.parse(memory_limit="48M")) as pool:
+    with pool_subtree(Limits.parse(memory_limit="48M")) as pool:
         w = pool.create_worker(1)
         efd = pool.watch_oom(w)
         if efd is None:

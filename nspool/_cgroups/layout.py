@@ -155,17 +155,6 @@ class Layout:
     def __repr__(self) -> str:
         return f"Layout({self.hierarchies!r}, {self.missing!r})"
 
-    def describe(self) -> list[str]:
-        """One line per controller, for ``python -m nspool doctor``."""
-        lines = []
-        for name in CONTROLLERS:
-            h = self.hierarchies.get(name)
-            if h is None:
-                lines.append(f"{name}: unavailable ({self.missing.get(name, 'not mounted')})")
-            else:
-                lines.append(f"{name}: cgroup v{h.version} at {h.own_dir}")
-        return lines
-
 
 def _read(path: str) -> str:
     with open(path) as f:

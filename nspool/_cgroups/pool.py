@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Iterable
 
-from .errors import CgroupBusyError, CgroupError, CgroupUnavailableError
+from .errors import CgroupError, CgroupUnavailableError
 from .layout import (
     CONTROLLERS,
     HOW_TO_GET_ONE,
@@ -24,8 +24,8 @@ from .layout import (
     detect_layout,
 )
 from .limits import CPU_PERIOD_US, Limits
-from .removal import _kill_all, _procs, _remove_dir, _rmdir_quiet, _subdirs
-from .worker import Usage, UsageMeter, WorkerCgroup, _parse_keyed
+from .removal import _remove_dir, _rmdir_quiet
+from .worker import UsageMeter, WorkerCgroup, _parse_keyed
 
 __all__ = ["PoolCgroups"]
 
@@ -35,8 +35,9 @@ class PoolCgroups:
     cgroup per worker under it.
 
     ``required``: controllers that must work (those the limits need): CgroupUnavailableError
-    otherwise. ``optional``: used where they work (accounting for ``usage``), else left out and
-    their figures are None. Not thread-safe; meant for the single-threaded fork server.
+    otherwise. ``optional``: used where they work (accounting for the ``UsageMeter``), else
+    left out and their figures are None. Not thread-safe; meant for the single-threaded fork
+    server. The launcher removes the whole subtree by name at its end (``removal.remove_pool``).
     """
 
     def __init__(
@@ -46,8 +47,6 @@ class PoolCgroups:
         *,
         limits: Limits | None = None,
         layout: Layout | None = None,
-        owner_pid: int | None = None,
-        name: str | None = None,
     ) -> None:
         self.limits = limits if limits is not None else Limits()
         required_set = set(required) | set(self.limits.controllers())
@@ -56,17 +55,11 @@ class PoolCgroups:
             if c not in CONTROLLERS:
                 raise ValueError(f"unknown cgroup controller {c!r}; known: {CONTROLLERS}")
         self.layout = detect_layout() if layout is None else layout
-        owner = os.getpid() if owner_pid is None else owner_pid
-        self.name = name if name is not None else f"{PREFIX}-{owner}-{os.urandom(4).hex()}"
-        if "/" in self.name or self.name in ("", ".", ".."):
-            raise ValueError(f"bad cgroup name {self.name!r}")
+        #: ``removal`` tells a stale subtree (its owner gone) by the PID in the name
+        self.name = f"{PREFIX}-{os.getpid()}-{os.urandom(4).hex()}"
         #: controller -> the pool node serving it
         self.nodes: dict[str, str] = {}
-        #: pool nodes made, in creation order, with their hierarchy's version
-        self._created: dict[str, int] = {}
         self._versions: dict[str, int] = {}
-        self._workers: dict[int, WorkerCgroup] = {}
-        self._closed = False
 
         problems: dict[str, str] = {}
         by_hierarchy: dict[str, tuple[Hierarchy, set[str], set[str]]] = {}
@@ -116,11 +109,12 @@ class PoolCgroups:
                 + HOW_TO_GET_ONE,
             )
 
+        made: list[str] = []
         try:
             for _key, (h, base, usable) in bases.items():
                 node = os.path.join(base, self.name)
                 os.mkdir(node)
-                self._created[node] = h.version
+                made.append(node)
                 if h.version == 2:
                     ctl = sorted(_v2_controller_names(usable))
                     if ctl:
@@ -132,37 +126,11 @@ class PoolCgroups:
                     self.nodes[c] = node
                     self._versions[c] = h.version
         except OSError as e:
-            self._remove_nodes(deadline=time.monotonic() + 1.0)
+            for node in reversed(made):  # new and empty: nothing to wait for
+                _rmdir_quiet(node)
             raise CgroupError(
                 e.errno or errno.EIO, f"creating the pool's cgroups failed: {e}"
             ) from e
-
-    # ---- construction from limits
-
-    @classmethod
-    def for_limits(
-        cls,
-        limits: Limits,
-        *,
-        usage: bool = True,
-        layout: Layout | None = None,
-        owner_pid: int | None = None,
-    ) -> PoolCgroups:
-        """The subtree a pool with ``limits`` needs; with ``usage`` also the accounting
-        controllers where they work."""
-        return cls(
-            limits.controllers(),
-            ("memory", "cpuacct") if usage else (),
-            limits=limits,
-            layout=layout,
-            owner_pid=owner_pid,
-        )
-
-    def __enter__(self) -> PoolCgroups:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @property
     def controllers(self) -> frozenset[str]:
@@ -174,33 +142,9 @@ class PoolCgroups:
 
     # ---- workers
 
-    def create_worker(
-        self,
-        wid: int,
-        memory_limit: int | str | None = None,
-        pids_limit: int | None = None,
-        cpu_limit: float | None = None,
-    ) -> WorkerCgroup:
-        """A cgroup for worker ``wid``, with the pool's limits, each overridden by the
-        argument given here. A limit whose controller the pool doesn't hold raises
-        CgroupUnavailableError."""
-        if self._closed:
-            raise CgroupError(errno.EINVAL, "the pool's cgroups are closed")
-        if wid in self._workers and not self._workers[wid].removed:
-            raise ValueError(f"worker {wid} already has a cgroup")
-        given = Limits.parse(memory_limit, pids_limit, cpu_limit)
-        limits = Limits(
-            memory=given.memory if given.memory is not None else self.limits.memory,
-            pids=given.pids if given.pids is not None else self.limits.pids,
-            cpu=given.cpu if given.cpu is not None else self.limits.cpu,
-        )
-        lacking = limits.controllers() - self.controllers
-        if lacking:
-            raise CgroupUnavailableError(
-                errno.EINVAL,
-                f"this pool's cgroups have no {', '.join(sorted(lacking))} controller; "
-                f"ask for the limit when the pool is made",
-            )
+    def create_worker(self, wid: int) -> WorkerCgroup:
+        """A cgroup for worker ``wid`` (``w<wid>`` under each pool node), with the pool's
+        limits. CgroupError if it can't be made (nothing of it is left then)."""
         leaf = f"w{wid}"
         dirs: dict[str, str] = {}
         made: list[str] = []
@@ -211,7 +155,7 @@ class PoolCgroups:
                     os.mkdir(d)
                     made.append(d)
                 dirs[c] = d
-            handle = WorkerCgroup(wid, dirs, limits)
+            handle = WorkerCgroup(wid, dirs, self.limits)
             self._set_limits(handle)
         except OSError as e:
             for d in reversed(made):
@@ -219,7 +163,6 @@ class PoolCgroups:
             raise CgroupError(
                 e.errno or errno.EIO, f"setting up worker {wid}'s cgroup failed: {e}"
             ) from e
-        self._workers[wid] = handle
         return handle
 
     def _set_limits(self, w: WorkerCgroup) -> None:
@@ -263,94 +206,7 @@ class PoolCgroups:
                     e.errno or errno.EIO, f"moving pid {pid} into {d} failed: {e}"
                 ) from e
 
-    def pids(self, w: WorkerCgroup) -> set[int]:
-        """The processes in the worker's cgroups now."""
-        result: set[int] = set()
-        for d in w.unique_dirs():
-            result |= _procs(d)
-        return result
-
     # ---- accounting
-
-    def usage(self, w: WorkerCgroup) -> Usage:
-        """What the worker's cgroup used so far (see ``Usage``); compare two readings with
-        ``Usage.since``."""
-        user = system = total = None
-        d = w.dirs.get("cpuacct")
-        if d is not None:
-            if self.version_of("cpuacct") == 2:
-                stat = _keyed(os.path.join(d, "cpu.stat"))
-                if "usage_usec" in stat:
-                    total = stat["usage_usec"] / 1e6
-                if "user_usec" in stat:
-                    user = stat["user_usec"] / 1e6
-                if "system_usec" in stat:
-                    system = stat["system_usec"] / 1e6
-            else:
-                u = _int_file(os.path.join(d, "cpuacct.usage_user"))
-                s = _int_file(os.path.join(d, "cpuacct.usage_sys"))
-                if u is not None and s is not None:
-                    user, system = u / 1e9, s / 1e9
-                else:
-                    ticks = _keyed(os.path.join(d, "cpuacct.stat"))
-                    hz = os.sysconf("SC_CLK_TCK")
-                    if "user" in ticks and "system" in ticks:
-                        user, system = ticks["user"] / hz, ticks["system"] / hz
-                t = _int_file(os.path.join(d, "cpuacct.usage"))
-                total = t / 1e9 if t is not None else None
-            if total is None and user is not None and system is not None:
-                total = user + system
-        peak = current = kills = None
-        d = w.dirs.get("memory")
-        if d is not None:
-            if self.version_of("memory") == 2:
-                current = _int_file(os.path.join(d, "memory.current"))
-                if w.peak_fd is not None:
-                    try:
-                        peak = int(os.pread(w.peak_fd, 64, 0).split()[0])
-                    except (OSError, ValueError, IndexError):
-                        peak = None
-                else:
-                    peak = _int_file(os.path.join(d, "memory.peak"))
-                kills = _keyed(os.path.join(d, "memory.events")).get("oom_kill")
-            else:
-                current = _int_file(os.path.join(d, "memory.usage_in_bytes"))
-                peak = _int_file(os.path.join(d, "memory.max_usage_in_bytes"))
-                kills = _v1_oom_kills(d)
-        return Usage(user, system, total, peak, current, kills)
-
-    def reset_peak(self, w: WorkerCgroup) -> bool:
-        """Start a new memory high-water mark (call it between tasks). True if it was reset.
-
-        v1: writes 0 to memory.max_usage_in_bytes (the peak restarts at the usage now).
-        v2 on Linux >= 6.12: writes "reset" to memory.peak through an fd kept in the handle;
-        the kernel keeps that reset per open file, so ``usage`` reads the peak through it.
-        v2 before 6.12 (memory.peak read-only, or absent before 5.19): False; ``memory_peak``
-        then stays the peak since the worker's cgroup was made (None before 5.19), an upper
-        bound of what the task used, exact only for the worker's first task.
-        """
-        d = w.dirs.get("memory")
-        if d is None:
-            return False
-        if self.version_of("memory") == 1:
-            try:
-                _write(os.path.join(d, "memory.max_usage_in_bytes"), "0")
-            except OSError:
-                return False
-            return True
-        path = os.path.join(d, "memory.peak")
-        if w.peak_fd is None:
-            try:
-                w.peak_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            except OSError:
-                return False
-        try:
-            os.write(w.peak_fd, b"reset\n")
-        except OSError:
-            os.close(w.peak_fd)
-            w.peak_fd = None
-            return False
-        return True
 
     def oom_kills(self, w: WorkerCgroup) -> int | None:
         """The worker's cgroup's OOM-kill counter (None: unknown): nonzero once the OOM killer
@@ -399,54 +255,16 @@ class PoolCgroups:
 
     # ---- removal
 
-    def remove(self, w: WorkerCgroup, timeout: float = 5.0, *, kill: bool = False) -> None:
-        """Remove the worker's cgroup, waiting up to ``timeout`` seconds for its processes to
-        be gone (killed processes take a moment to leave). With ``kill``, SIGKILL what is
-        still there first (v2 cgroup.kill where present). CgroupBusyError at the deadline."""
+    def remove(self, w: WorkerCgroup, timeout: float = 5.0) -> None:
+        """Remove the worker's cgroup once its processes are gone, waiting up to ``timeout``
+        seconds for them (killed processes take a moment to leave): CgroupBusyError at the
+        deadline, and a later call tries again. Idempotent."""
         if w.removed:
             return
-        if w.peak_fd is not None:
-            os.close(w.peak_fd)
-            w.peak_fd = None
         deadline = time.monotonic() + timeout
-        if kill:
-            for d in w.unique_dirs():
-                _kill_all(d)
         for d in w.unique_dirs():
             _remove_dir(d, deadline)
         w.removed = True
-        self._workers.pop(w.wid, None)
-
-    def close(self, timeout: float = 5.0, *, kill: bool = True) -> None:
-        """Remove every worker's cgroup (killing what is left, with ``kill``) and the pool's
-        nodes. Idempotent. Raises CgroupBusyError naming what could not be removed."""
-        if self._closed:
-            return
-        self._closed = True
-        deadline = time.monotonic() + timeout
-        errors: list[str] = []
-        for w in list(self._workers.values()):
-            try:
-                self.remove(w, max(0.0, deadline - time.monotonic()), kill=kill)
-            except OSError as e:
-                errors.append(str(e))
-        errors += self._remove_nodes(deadline)
-        if errors:
-            raise CgroupBusyError(errno.EBUSY, "; ".join(errors))
-
-    def _remove_nodes(self, deadline: float) -> list[str]:
-        errors = []
-        for node in reversed(list(self._created)):
-            try:
-                # Leftover leaves (workers whose removal failed) first.
-                for sub in _subdirs(node):
-                    _remove_dir(sub, deadline)
-                _remove_dir(node, deadline)
-            except OSError as e:
-                errors.append(str(e))
-        self._created.clear()
-        self.nodes.clear()
-        return errors
 
     def __repr__(self) -> str:
         nodes = ", ".join(sorted(set(self.nodes.values())))

@@ -12,51 +12,28 @@ __all__ = ["Usage", "UsageMeter", "WorkerCgroup"]
 
 
 class Usage(NamedTuple):
-    """What a cgroup used. CPU times in seconds, memory in bytes; ``None`` where this machine
-    doesn't account for it. ``memory_peak`` is the high-water mark since the cgroup was made or
-    since the last successful ``reset_peak``. ``oom_kills`` is the kernel's OOM-kill counter:
-    it rises with each kill, but is no count of processes (v2 with ``memory.oom.group`` counts
-    the chosen victim twice, once alone and once with its group), so compare it with zero or
-    with an earlier reading."""
+    """What a cgroup used so far (``UsageMeter.read``). CPU times in seconds, memory in bytes;
+    ``None`` where this machine doesn't account for it. ``memory_peak`` is the high-water mark
+    since the cgroup was made or since the meter's last successful ``reset_peak``.
+    ``oom_kills`` is the kernel's OOM-kill counter: it rises with each kill, but is no count of
+    processes (v2 with ``memory.oom.group`` counts the chosen victim twice, once alone and once
+    with its group), so compare it with zero or with an earlier reading."""
 
     cpu_user: float | None = None
     cpu_system: float | None = None
-    cpu_total: float | None = None
     memory_peak: int | None = None
-    memory_current: int | None = None
     oom_kills: int | None = None
-
-    def since(self, before: Usage) -> Usage:
-        """CPU time and OOM kills between ``before`` and this reading; memory figures as now."""
-
-        def sub(a: float | None, b: float | None) -> float | None:
-            return None if a is None or b is None else max(0.0, a - b)
-
-        kills = None
-        if self.oom_kills is not None and before.oom_kills is not None:
-            kills = self.oom_kills - before.oom_kills
-        return Usage(
-            cpu_user=sub(self.cpu_user, before.cpu_user),
-            cpu_system=sub(self.cpu_system, before.cpu_system),
-            cpu_total=sub(self.cpu_total, before.cpu_total),
-            memory_peak=self.memory_peak,
-            memory_current=self.memory_current,
-            oom_kills=kills,
-        )
 
 
 class WorkerCgroup:
     """A worker's cgroup: one directory per hierarchy in use (``dirs`` by controller)."""
 
-    __slots__ = ("dirs", "limits", "peak_fd", "removed", "wid")
+    __slots__ = ("dirs", "limits", "removed", "wid")
 
     def __init__(self, wid: int, dirs: dict[str, str], limits: Limits) -> None:
         self.wid = wid
         self.dirs = dirs
         self.limits = limits
-        #: v2 only: an fd of memory.peak on which "reset" was written (the reset is per open
-        #: file)
-        self.peak_fd: int | None = None
         self.removed = False
 
     def __repr__(self) -> str:
@@ -71,8 +48,7 @@ class UsageMeter:
     opened once and read with ``pread`` (a fraction of a microsecond each).
 
     ``read()`` gives CPU user/system seconds, the memory high-water mark and the OOM kill
-    count so far (``memory_current`` is not read); ``reset_peak()`` starts a new high-water
-    mark where the kernel allows it (see :meth:`PoolCgroups.reset_peak`)."""
+    count so far; ``reset_peak()`` starts a new high-water mark where the kernel allows it."""
 
     def __init__(self, w: WorkerCgroup, versions: dict[str, int]) -> None:
         self._fds: list[int] = []
@@ -109,7 +85,14 @@ class UsageMeter:
         return fd
 
     def reset_peak(self) -> bool:
-        """Start a new memory high-water mark; True if the kernel took it."""
+        """Start a new memory high-water mark (between tasks); True if the kernel took it.
+
+        v1: writes 0 to memory.max_usage_in_bytes (the peak restarts at the usage now).
+        v2 on Linux >= 6.12: writes "reset" to memory.peak through the meter's fd; the kernel
+        keeps that reset per open file, so ``read`` sees it through the same fd. v2 before 6.12
+        (memory.peak read-only, or absent before 5.19): False; ``memory_peak`` then stays the
+        peak since the worker's cgroup was made (None before 5.19), an upper bound of what the
+        task used, exact only for the worker's first task."""
         if not self._peak_writable or self._peak is None:
             return False
         try:
@@ -120,23 +103,20 @@ class UsageMeter:
         return True
 
     def read(self) -> Usage:
-        user = system = total = None
+        user = system = None
         if self._cpu is not None:
             stat = _parse_keyed(_pread(self._cpu))
             if "user_usec" in stat and "system_usec" in stat:
                 user, system = stat["user_usec"] / 1e6, stat["system_usec"] / 1e6
-            total = stat["usage_usec"] / 1e6 if "usage_usec" in stat else None
         elif self._user is not None and self._sys is not None:
             u, s = _pread_int(self._user), _pread_int(self._sys)
             if u is not None and s is not None:
                 user, system = u / 1e9, s / 1e9
-        if total is None and user is not None and system is not None:
-            total = user + system
         peak = None if self._peak is None else _pread_int(self._peak)
         kills = None
         if self._events is not None:
             kills = _parse_keyed(_pread(self._events)).get("oom_kill")
-        return Usage(user, system, total, peak, None, kills)
+        return Usage(user, system, peak, kills)
 
     def close(self) -> None:
         for fd in self._fds:
